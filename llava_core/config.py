@@ -1,0 +1,235 @@
+"""Configuration dataclasses for LLaVA, read from a llava-hf `config.json`.
+
+A llava-hf config nests a CLIP vision config and a LLaMA text config. Hub files
+written by transformers 4.x omit every field equal to its class default (the
+7B config names only `max_position_embeddings`, `rms_norm_eps` and `vocab_size`
+for the text model), so the defaults below are transformers' own: a field the
+file leaves out means what transformers would read it as.
+
+A field we cannot honour is a `ConfigError` naming it, never a silent default.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    """A config.json field that llava_core cannot honour."""
+
+
+@dataclass
+class VisionConfig:
+    # CLIPVisionConfig defaults (transformers), so a sparse hub file reads the same.
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    image_size: int = 224
+    patch_size: int = 32
+    num_channels: int = 3
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(f"vision_config: hidden_size {self.hidden_size} is not divisible by "
+                              f"num_attention_heads {self.num_attention_heads}")
+        if self.image_size % self.patch_size:
+            raise ConfigError(f"vision_config: image_size {self.image_size} is not a multiple of "
+                              f"patch_size {self.patch_size}")
+        if self.hidden_act not in ("quick_gelu", "gelu"):
+            raise ConfigError(f"vision_config.hidden_act={self.hidden_act!r} is not supported "
+                              "(quick_gelu or gelu)")
+        if self.num_channels != 3:
+            raise ConfigError(f"vision_config.num_channels={self.num_channels} is not supported (3)")
+        self.grid = self.image_size // self.patch_size  # patches per side
+        self.num_patches = self.grid * self.grid
+
+
+@dataclass
+class TextConfig:
+    # LlamaConfig defaults (transformers), so a sparse hub file reads the same.
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = None  # None: same as num_attention_heads (no GQA)
+    head_dim: int | None = None  # None: hidden_size // num_attention_heads
+    max_position_embeddings: int = 2048
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # {"rope_type": "linear"|"llama3", "factor": ..., ...}
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+    pad_token_id: int | None = None
+
+    def __post_init__(self):
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(f"text_config: num_attention_heads {self.num_attention_heads} is not a "
+                              f"multiple of num_key_value_heads {self.num_key_value_heads}")
+        if self.rope_scaling is not None:
+            kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
+            if kind not in ("linear", "llama3", "default"):
+                raise ConfigError(f"text_config.rope_scaling type {kind!r} is not supported "
+                                  "(linear, llama3)")
+            if kind == "default":
+                self.rope_scaling = None
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        if self.eos_token_id is None:
+            return []
+        return list(self.eos_token_id) if isinstance(self.eos_token_id, (list, tuple)) else [self.eos_token_id]
+
+
+@dataclass
+class ProjectorConfig:
+    kind: str = "mlp2x_gelu"  # a name in projector.PROJECTORS
+    bias: bool = True
+
+
+@dataclass
+class LlavaConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    image_token_index: int = 32000
+    vision_feature_layer: int | list[int] = -2  # hidden_states index, as in transformers
+    vision_feature_select_strategy: str = "default"  # "default" drops CLS, "full" keeps it
+    image_seq_length: int | None = None  # cross-check only; derived value is num_image_tokens
+
+    def __post_init__(self):
+        if self.vision_feature_select_strategy not in ("default", "full"):
+            raise ConfigError(f"vision_feature_select_strategy={self.vision_feature_select_strategy!r} "
+                              "is not supported (default or full)")
+        n = self.vision.num_hidden_layers
+        for layer in self.feature_layers:
+            if not (-n <= layer <= n) or layer == 0:
+                raise ConfigError(f"vision_feature_layer={layer} is out of range for a {n}-layer "
+                                  f"tower (use -{n}..-1 or 1..{n}; 0, the embeddings, is not supported)")
+        self.num_image_tokens = self.vision.num_patches + (self.vision_feature_select_strategy == "full")
+        if self.image_seq_length is not None and self.image_seq_length != self.num_image_tokens:
+            raise ConfigError(f"image_seq_length={self.image_seq_length} disagrees with the "
+                              f"{self.num_image_tokens} image tokens that vision_config "
+                              f"({self.vision.image_size}px, patch {self.vision.patch_size}) and "
+                              f"strategy {self.vision_feature_select_strategy!r} produce")
+
+    @property
+    def feature_layers(self) -> list[int]:
+        layers = self.vision_feature_layer
+        return list(layers) if isinstance(layers, (list, tuple)) else [layers]
+
+    @property
+    def vision_feature_dim(self) -> int:
+        return self.vision.hidden_size * len(self.feature_layers)
+
+    # --- reading and writing llava-hf config.json ---------------------------------
+
+    @classmethod
+    def from_hf_dict(cls, d: dict, source: str = "config.json") -> "LlavaConfig":
+        if d.get("model_type", "llava") != "llava":
+            raise ConfigError(f"{source}: model_type={d.get('model_type')!r}, expected 'llava'")
+        vd = dict(d.get("vision_config") or {})
+        td = dict(d.get("text_config") or {})
+        if vd.get("model_type", "clip_vision_model") not in ("clip_vision_model", "clip"):
+            raise ConfigError(f"{source}: vision_config.model_type={vd.get('model_type')!r} is not "
+                              "supported (clip_vision_model)")
+        if td.get("model_type", "llama") != "llama":
+            raise ConfigError(f"{source}: text_config.model_type={td.get('model_type')!r} is not "
+                              "supported (llama)")
+        vision = VisionConfig(**_pick(vd, VisionConfig, source, "vision_config"))
+
+        # rope settings: transformers 5 keeps them in rope_parameters, older files at top level.
+        rope = dict(td.pop("rope_parameters", None) or {})
+        if "rope_theta" in rope:
+            td.setdefault("rope_theta", rope.pop("rope_theta"))
+        if rope.get("rope_type", "default") != "default":
+            td.setdefault("rope_scaling", rope)
+        for key, ok in (("attention_bias", False), ("mlp_bias", False), ("hidden_act", "silu"),
+                        ("pretraining_tp", 1)):
+            if td.get(key, ok) != ok:
+                raise ConfigError(f"{source}: text_config.{key}={td[key]!r} is not supported ({ok!r})")
+        if "vocab_size" not in td and "vocab_size" in d:  # some hub configs put it at top level
+            td["vocab_size"] = d["vocab_size"]
+        # tie_word_embeddings: the text config's value, else the top level's.
+        if "tie_word_embeddings" not in td and "tie_word_embeddings" in d:
+            td["tie_word_embeddings"] = d["tie_word_embeddings"]
+        if "pad_token_id" not in td or td["pad_token_id"] is None:
+            td["pad_token_id"] = d.get("pad_token_id")
+        text = TextConfig(**_pick(td, TextConfig, source, "text_config"))
+
+        act = d.get("projector_hidden_act", "gelu")
+        if act != "gelu":
+            raise ConfigError(f"{source}: projector_hidden_act={act!r} is not supported (gelu)")
+        kind = d.get("llava_core_projector", "mlp2x_gelu")
+        projector = ProjectorConfig(kind=kind, bias=d.get("multimodal_projector_bias", True))
+        return cls(
+            vision=vision, text=text, projector=projector,
+            image_token_index=d.get("image_token_index", d.get("image_token_id", 32000)),
+            vision_feature_layer=d.get("vision_feature_layer", -2),
+            vision_feature_select_strategy=d.get("vision_feature_select_strategy", "default"),
+            image_seq_length=d.get("image_seq_length"),
+        )
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "LlavaConfig":
+        path = Path(path)
+        if path.is_dir():
+            path = path / "config.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no config.json (is this a llava-hf checkpoint folder?)")
+        try:
+            d = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        return cls.from_hf_dict(d, source=str(path))
+
+
+# Fields transformers writes that change nothing we compute.
+_IGNORED = {
+    "model_type", "architectures", "torch_dtype", "dtype", "transformers_version", "_name_or_path",
+    "initializer_range", "initializer_factor", "attention_dropout", "dropout", "projection_dim",
+    "use_cache", "vocab_size_unused", "output_attentions", "output_hidden_states", "return_dict",
+    "attention_bias", "mlp_bias", "hidden_act", "pretraining_tp", "id2label", "label2id",
+    "problem_type", "chunk_size_feed_forward", "is_encoder_decoder", "add_cross_attention",
+    "tie_encoder_decoder", "tokenizer_class", "prefix", "sep_token_id", "decoder_start_token_id",
+    "task_specific_params", "cross_attention_hidden_size", "finetuning_task", "bad_words_ids",
+    "begin_suppress_tokens", "suppress_tokens", "use_bfloat16", "tf_legacy_loss", "pruned_heads",
+    "torchscript", "vocab_size", "layer_types", "sliding_window", "max_window_layers", "use_sliding_window",
+}
+
+
+def _pick(d: dict, klass, source: str, section: str) -> dict:
+    """Keep the fields `klass` knows; refuse any unknown field that would change the computation."""
+    known = set(klass.__dataclass_fields__)
+    out = {}
+    for key, value in d.items():
+        if key in known:
+            out[key] = value
+        elif key in _IGNORED or key.startswith("_") or key.endswith("_token_id") or key.endswith("dropout"):
+            continue
+        elif key in _GENERATION_KEYS:
+            continue
+        else:
+            raise ConfigError(f"{source}: {section}.{key}={value!r} is a setting llava_core does not "
+                              "know how to honour")
+    return out
+
+
+# Generation defaults that old configs carry at model level; they do not change the forward pass.
+_GENERATION_KEYS = {
+    "max_length", "min_length", "do_sample", "early_stopping", "num_beams", "num_beam_groups",
+    "diversity_penalty", "temperature", "top_k", "top_p", "typical_p", "repetition_penalty",
+    "length_penalty", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size", "num_return_sequences",
+    "output_scores", "return_dict_in_generate", "forced_bos_token_id", "forced_eos_token_id",
+    "remove_invalid_values", "exponential_decay_length_penalty", "chunk_size_feed_forward",
+}

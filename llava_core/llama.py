@@ -1,0 +1,181 @@
+"""The LLaMA decoder (Vicuna, TinyLlama, SmolLM2 ...), written out.
+
+Follows Touvron et al. 2023 and keeps transformers' weight layout: separate q/k/v
+projections and the `rotate_half` rotary convention, so a llava-hf checkpoint loads
+by copying tensors. Attention is grouped-query through `scaled_dot_product_attention`.
+The KV cache is owned by the caller (see kv_cache.py).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import TextConfig
+from .kv_cache import KVCache
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_inv_freq(cfg: TextConfig) -> torch.Tensor:
+    """Inverse frequencies (D/2,), with linear or llama3 scaling applied."""
+    d = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    s = cfg.rope_scaling
+    if s is None:
+        return inv_freq
+    kind = s.get("rope_type", s.get("type"))
+    if kind == "linear":
+        return inv_freq / s["factor"]
+    # llama3: keep high frequencies, divide low ones by `factor`, blend in between.
+    factor, lo, hi = s["factor"], s.get("low_freq_factor", 1.0), s.get("high_freq_factor", 4.0)
+    old_len = s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / lo, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - lo) / (hi - lo)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_len / hi) & (wavelen <= old_len / lo)
+    return torch.where(medium, blended, scaled)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Rotary(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        # positions: (B, T) -> cos, sin: (B, 1, T, D), computed in fp32 then cast
+        freqs = positions[..., None].float() * self.inv_freq.float()  # (B, T, D/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, D)
+        return emb.cos()[:, None].to(dtype), emb.sin()[:, None].to(dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TextConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache: KVCache | None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)  # (B, Hkv, S, D), S = cached + T
+        # mask None: plain causal with no padding and no cached prefix
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                           enable_gqa=self.n_kv != self.n_heads)  # (B, H, T, D)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: TextConfig, layer: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, cache):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def build_mask(valid: torch.Tensor, T: int) -> torch.Tensor:
+    """Boolean mask (B, 1, T, S) for T new queries in the last T of S slots.
+
+    Query t (slot S-T+t) may read slot j when j <= S-T+t (causal) and slot j holds a
+    real token (valid[b, j]). A query always reads its own slot, so the rows of left
+    padding attend to something and stay finite; their outputs are never used.
+    """
+    S = valid.shape[1]
+    q_slot = torch.arange(S - T, S, device=valid.device)[:, None]  # (T, 1)
+    k_slot = torch.arange(S, device=valid.device)[None, :]  # (1, S)
+    causal = k_slot <= q_slot  # (T, S)
+    return ((causal[None] & valid[:, None, :]) | (k_slot == q_slot)[None])[:, None]  # (B, 1, T, S)
+
+
+class LlamaDecoder(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.rotary = Rotary(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def forward(self, embeds: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                cache: KVCache | None = None, hidden_states: list | None = None) -> torch.Tensor:
+        """embeds (B, T, C) -> final hidden states (B, T, C), after the last norm.
+
+        attention_mask (B, T) marks real tokens (1) and left padding (0) among the new
+        tokens. With a cache, the new tokens follow what it already holds. If a list is
+        given as `hidden_states`, the input and each block's output are appended to it.
+        """
+        B, T, _ = embeds.shape
+        if cache is not None:
+            new = attention_mask if attention_mask is not None else embeds.new_ones(B, T, dtype=torch.bool)
+            positions, valid = cache.begin(new)
+            plain = (cache.length == 0 or T == 1) and bool(valid.all())
+        elif attention_mask is not None:
+            valid = attention_mask.to(torch.bool)
+            positions = (valid.long().cumsum(1) - 1).clamp(min=0)
+            plain = bool(valid.all())
+        else:
+            positions = torch.arange(T, device=embeds.device).expand(B, T)
+            valid, plain = None, True
+        mask = None if plain else build_mask(valid, T)
+        cos, sin = self.rotary(positions, embeds.dtype)
+        x = embeds
+        if hidden_states is not None:
+            hidden_states.append(x)
+        for block in self.layers:
+            x = block(x, cos, sin, mask, cache)
+            if hidden_states is not None:
+                hidden_states.append(x)
+        if cache is not None:
+            cache.commit(T)
+        return self.norm(x)
+
