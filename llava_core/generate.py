@@ -1,0 +1,196 @@
+"""Generation: prefill once, then one token per step through the KV cache.
+
+The loop follows gpt-fast's split: `prefill` runs the whole prompt (images already
+merged into the embeddings) and `decode_one` a single new token per row; samplers are
+pure functions of the logits. Batches are left-padded; the cache tracks which slots are
+padding and each row's rotary position, so every row decodes as if it were alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+from .kv_cache import KVCache
+from .llava import LlavaModel
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0: greedy
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1: off
+    repetition_penalty: float = 1.0  # 1: off (as in transformers: divide positive logits, multiply negative)
+    seed: int | None = None
+    stop_strings: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens}: must be >= 1")
+        if self.temperature < 0:
+            raise ValueError(f"temperature={self.temperature}: must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p={self.top_p}: must be in (0, 1]")
+        if self.top_k < 0:
+            raise ValueError(f"top_k={self.top_k}: must be >= 0")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty={self.repetition_penalty}: must be > 0")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+
+# --- samplers: pure functions of the logits ------------------------------------------
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    # logits (B, V); seen (B, V) bool: tokens already in the row's prompt or output
+    if penalty == 1.0:
+        return logits
+    scaled = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, scaled, logits)
+
+
+def filter_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]  # (B, 1)
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def filter_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Keep the smallest set of tokens whose probability reaches p (always at least one)."""
+    if p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (B, V)
+    cum = sorted_logits.softmax(-1).cumsum(-1)
+    drop = cum - sorted_logits.softmax(-1) >= p  # mass before this token already reaches p
+    drop[..., 0] = False
+    return logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None,
+           generator: torch.Generator | None) -> torch.Tensor:
+    """logits (B, V) -> next tokens (B,)."""
+    logits = logits.float()
+    if seen is not None:
+        logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+    if params.greedy:
+        return logits.argmax(-1)
+    logits = filter_top_p(filter_top_k(logits / params.temperature, params.top_k), params.top_p)
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+# --- model steps ----------------------------------------------------------------------
+
+def prefill(model: LlavaModel, input_ids: torch.Tensor, cache: KVCache, pixel_values=None,
+            attention_mask=None, image_features=None) -> torch.Tensor:
+    """Run the prompt through the decoder into the cache -> last-position logits (B, V)."""
+    embeds = model.embed(input_ids, pixel_values, image_features)  # (B, T, C)
+    hidden = model.language_model(embeds, attention_mask=attention_mask, cache=cache)  # (B, T, C)
+    return model.logits(hidden[:, -1])  # (B, V)
+
+
+def decode_one(model: LlavaModel, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """tokens (B,) -> logits (B, V) for the next position."""
+    embeds = model.language_model.embed_tokens(tokens[:, None])  # (B, 1, C)
+    hidden = model.language_model(embeds, cache=cache)  # (B, 1, C)
+    return model.logits(hidden[:, -1])
+
+
+@torch.inference_mode()
+def generate_tokens(model: LlavaModel, input_ids: torch.Tensor, params: SamplingParams,
+                    eos_token_ids: list[int], pixel_values=None, attention_mask=None,
+                    cache: KVCache | None = None, pad_token_id: int = 0,
+                    image_features=None) -> Iterator[torch.Tensor]:
+    """Yield the next token of every row (B,), step by step, until each row has produced an
+    EOS id or max_new_tokens. Finished rows yield pad_token_id. With `cache` given, the
+    prompt continues what the cache holds (chat turns); else a cache just big enough is made."""
+    B, T = input_ids.shape
+    if cache is None:
+        cache = model.new_cache(B, T + params.max_new_tokens)
+    generator = None
+    if params.seed is not None:
+        generator = torch.Generator(device=input_ids.device).manual_seed(params.seed)
+    seen = None
+    if params.repetition_penalty != 1.0:
+        seen = torch.zeros(B, model.cfg.text.vocab_size, dtype=torch.bool, device=input_ids.device)
+        real = input_ids if attention_mask is None else input_ids.masked_fill(attention_mask == 0, 0)
+        seen.scatter_(1, real.clamp(max=model.cfg.text.vocab_size - 1), True)
+    eos = torch.tensor(eos_token_ids or [-1], device=input_ids.device)
+    done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+
+    logits = prefill(model, input_ids, cache, pixel_values, attention_mask, image_features)
+    for step in range(params.max_new_tokens):
+        tokens = sample(logits, params, seen, generator)
+        tokens = tokens.masked_fill(done, pad_token_id)
+        yield tokens
+        done |= torch.isin(tokens, eos)
+        if bool(done.all()) or step == params.max_new_tokens - 1:
+            return
+        if seen is not None:
+            seen.scatter_(1, tokens[:, None], True)
+        logits = decode_one(model, tokens, cache)
+
+
+def find_stop(text: str, stop_strings: list[str]) -> int:
+    """Index where the earliest stop string begins in text, or -1."""
+    hits = [i for i in (text.find(s) for s in stop_strings) if i >= 0]
+    return min(hits) if hits else -1
+
+
+def _held_back(text: str, stop_strings: list[str]) -> int:
+    """How many trailing characters could still grow into a stop string."""
+    longest = 0
+    for s in stop_strings:
+        for n in range(min(len(s) - 1, len(text)), longest, -1):
+            if s.startswith(text[-n:]):
+                longest = n
+                break
+    return longest
+
+
+class TextStream:
+    """Turns one row's token ids into text pieces that are final: the concatenation of the
+    pieces always equals the decoded text, multi-byte characters are never split (decoding
+    the whole answer each time keeps sentencepiece's spaces right), and text that might
+    still become a stop string is held back until it cannot."""
+
+    def __init__(self, tokenizer, stop_strings: list[str] | None = None):
+        self.tokenizer = tokenizer
+        self.stop_strings = list(stop_strings or [])
+        self.ids: list[int] = []
+        self.emitted = 0
+        self.stopped = False
+
+    def text(self) -> str:
+        return self.tokenizer.decode(self.ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def push(self, token: int) -> str:
+        """Add a token; return the newly final text (maybe empty). Sets `stopped` on a stop string."""
+        self.ids.append(token)
+        text = self.text()
+        cut = find_stop(text, self.stop_strings)
+        if cut >= 0:
+            self.stopped = True
+            return self._emit(text[:cut])
+        if text.endswith("\ufffd"):  # an incomplete multi-byte character
+            return ""
+        return self._emit(text[:len(text) - _held_back(text, self.stop_strings)])
+
+    def finish(self) -> str:
+        """The rest of the text once generation has ended."""
+        if self.stopped:
+            return ""
+        text = self.text()
+        cut = find_stop(text, self.stop_strings)
+        return self._emit(text if cut < 0 else text[:cut])
+
+    def _emit(self, final: str) -> str:
+        piece = final[self.emitted:]
+        self.emitted = max(self.emitted, len(final))
+        return piece
