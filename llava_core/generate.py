@@ -102,32 +102,29 @@ def decode_one(model: LlavaModel, tokens: torch.Tensor, cache: KVCache) -> torch
     return model.logits(hidden[:, -1])
 
 
+def seen_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, vocab: int) -> torch.Tensor:
+    """(B, V) bool: the tokens each row's prompt holds, for the repetition penalty."""
+    real = input_ids if attention_mask is None else input_ids.masked_fill(attention_mask == 0, 0)
+    seen = torch.zeros(input_ids.shape[0], vocab, dtype=torch.bool, device=input_ids.device)
+    return seen.scatter_(1, real.clamp(0, vocab - 1), True)
+
+
 @torch.inference_mode()
-def generate_tokens(model: LlavaModel, input_ids: torch.Tensor, params: SamplingParams,
-                    eos_token_ids: list[int], pixel_values=None, attention_mask=None,
-                    cache: KVCache | None = None, pad_token_id: int = 0,
-                    image_features=None) -> Iterator[torch.Tensor]:
-    """Yield the next token of every row (B,), step by step, until each row has produced an
-    EOS id or max_new_tokens. Finished rows yield pad_token_id. With `cache` given, the
-    prompt continues what the cache holds (chat turns); else a cache just big enough is made."""
-    B, T = input_ids.shape
-    if cache is None:
-        cache = model.new_cache(B, T + params.max_new_tokens)
+def decode_loop(model: LlavaModel, logits: torch.Tensor, cache: KVCache, params: SamplingParams,
+                eos_token_ids: list[int], seen: torch.Tensor | None = None,
+                pad_token_id: int = 0) -> Iterator[torch.Tensor]:
+    """From the prompt's last logits (B, V), yield each step's tokens (B,) until every row has
+    produced an EOS id or max_new_tokens. Finished rows yield pad_token_id. The last token
+    yielded is not fed back, so the cache ends one token short of the output."""
     generator = None
     if params.seed is not None:
-        generator = torch.Generator(device=input_ids.device).manual_seed(params.seed)
-    seen = None
-    if params.repetition_penalty != 1.0:
-        seen = torch.zeros(B, model.cfg.text.vocab_size, dtype=torch.bool, device=input_ids.device)
-        real = input_ids if attention_mask is None else input_ids.masked_fill(attention_mask == 0, 0)
-        seen.scatter_(1, real.clamp(max=model.cfg.text.vocab_size - 1), True)
-    eos = torch.tensor(eos_token_ids or [-1], device=input_ids.device)
-    done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-
-    logits = prefill(model, input_ids, cache, pixel_values, attention_mask, image_features)
+        generator = torch.Generator(device=logits.device).manual_seed(params.seed)
+    if params.repetition_penalty == 1.0:
+        seen = None
+    eos = torch.tensor(eos_token_ids or [-1], device=logits.device)
+    done = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
     for step in range(params.max_new_tokens):
-        tokens = sample(logits, params, seen, generator)
-        tokens = tokens.masked_fill(done, pad_token_id)
+        tokens = sample(logits, params, seen, generator).masked_fill(done, pad_token_id)  # (B,)
         yield tokens
         done |= torch.isin(tokens, eos)
         if bool(done.all()) or step == params.max_new_tokens - 1:
@@ -135,6 +132,20 @@ def generate_tokens(model: LlavaModel, input_ids: torch.Tensor, params: Sampling
         if seen is not None:
             seen.scatter_(1, tokens[:, None], True)
         logits = decode_one(model, tokens, cache)
+
+
+@torch.inference_mode()
+def generate_tokens(model: LlavaModel, input_ids: torch.Tensor, params: SamplingParams,
+                    eos_token_ids: list[int], pixel_values=None, attention_mask=None,
+                    pad_token_id: int = 0) -> Iterator[torch.Tensor]:
+    """Prefill a (left-padded) batch of prompts, then yield each step's tokens (B,)."""
+    B, T = input_ids.shape
+    cache = model.new_cache(B, T + params.max_new_tokens)
+    seen = None
+    if params.repetition_penalty != 1.0:
+        seen = seen_tokens(input_ids, attention_mask, model.cfg.text.vocab_size)
+    logits = prefill(model, input_ids, cache, pixel_values, attention_mask)
+    yield from decode_loop(model, logits, cache, params, eos_token_ids, seen, pad_token_id)
 
 
 def find_stop(text: str, stop_strings: list[str]) -> int:
