@@ -117,7 +117,10 @@ class LlavaConfig:
                 raise ConfigError(f"vision_feature_layer={layer} is out of range for a {n}-layer "
                                   f"tower (use -{n}..-1 or 1..{n}; 0, the embeddings, is not supported)")
         self.num_image_tokens = self.vision.num_patches + (self.vision_feature_select_strategy == "full")
-        if self.image_seq_length is not None and self.image_seq_length != self.num_image_tokens:
+        # transformers writes image_seq_length = patches (576) whatever the strategy and never reads
+        # it back, so that value is accepted under "full" too; any other disagreement is an error.
+        accepted = {self.num_image_tokens, self.vision.num_patches}
+        if self.image_seq_length is not None and self.image_seq_length not in accepted:
             raise ConfigError(f"image_seq_length={self.image_seq_length} disagrees with the "
                               f"{self.num_image_tokens} image tokens that vision_config "
                               f"({self.vision.image_size}px, patch {self.vision.patch_size}) and "
@@ -136,9 +139,17 @@ class LlavaConfig:
 
     @classmethod
     def from_hf_dict(cls, d: dict, source: str = "config.json") -> "LlavaConfig":
+        try:
+            return cls._from_hf_dict(d, source)
+        except ConfigError as e:  # the dataclasses' own checks do not know the file: name it
+            msg = str(e)
+            raise ConfigError(msg if msg.startswith(source) else f"{source}: {msg}") from None
+
+    @classmethod
+    def _from_hf_dict(cls, d: dict, source: str) -> "LlavaConfig":
         if d.get("model_type", "llava") != "llava":
             raise ConfigError(f"{source}: model_type={d.get('model_type')!r}, expected 'llava'")
-        vd = dict(d.get("vision_config") or {})
+        vd = dict(d["vision_config"] if d.get("vision_config") is not None else LLAVA_DEFAULT_VISION)
         td = dict(d.get("text_config") or {})
         if vd.get("model_type", "clip_vision_model") not in ("clip_vision_model", "clip"):
             raise ConfigError(f"{source}: vision_config.model_type={vd.get('model_type')!r} is not "
@@ -160,9 +171,9 @@ class LlavaConfig:
                 raise ConfigError(f"{source}: text_config.{key}={td[key]!r} is not supported ({ok!r})")
         if "vocab_size" not in td and "vocab_size" in d:  # some hub configs put it at top level
             td["vocab_size"] = d["vocab_size"]
-        # tie_word_embeddings: the text config's value, else the top level's.
-        if "tie_word_embeddings" not in td and "tie_word_embeddings" in d:
-            td["tie_word_embeddings"] = d["tie_word_embeddings"]
+        # tie_word_embeddings: tied if either level says so, as transformers' LlavaConfig reads it
+        # (a top-level true with a text-level false still ties, and save_pretrained omits lm_head).
+        td["tie_word_embeddings"] = bool(td.get("tie_word_embeddings", False) or d.get("tie_word_embeddings", False))
         if "pad_token_id" not in td or td["pad_token_id"] is None:
             td["pad_token_id"] = d.get("pad_token_id")
         text = TextConfig(**_pick(td, TextConfig, source, "text_config"))
@@ -193,6 +204,12 @@ class LlavaConfig:
             raise ConfigError(f"{path}: not valid JSON ({e})") from None
         return cls.from_hf_dict(d, source=str(path))
 
+
+# The tower transformers' LlavaConfig builds when config.json has no vision_config at all
+# (CLIP ViT-L/14-336); a vision_config that is present but sparse falls back to VisionConfig's
+# defaults, which are CLIPVisionConfig's.
+LLAVA_DEFAULT_VISION = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                            num_attention_heads=16, image_size=336, patch_size=14)
 
 # Fields transformers writes that change nothing we compute.
 _IGNORED = {

@@ -1,4 +1,4 @@
-"""llava-hf checkpoint -> LlavaModel: strict, memory-mapped, with one table of key rules.
+"""llava-hf checkpoint -> LlavaModel: strict, streamed, with one table of key rules.
 
 Three layouts reach us:
   (a) hub files written by transformers 4.x: `language_model.model.*`, `language_model.lm_head.*`,
@@ -9,13 +9,20 @@ Three layouts reach us:
 KEY_RULES rewrites each checkpoint key in order; every rule that matches applies, and a
 rule with replacement None drops the key. HF CLIP stores q, k and v separately while
 open_clip packs them into one `in_proj`; those keys are tagged `[q]`, `[k]`, `[v]` by the
-table and concatenated by `fuse_qkv`.
+table and read straight into their rows of the packed tensor (`qkv_rows`).
+
+Every name and shape is checked before any tensor data is read. Each tensor is then read
+from the file into memory the model owns, converting dtype a bounded chunk at a time, so
+peak memory is the model plus one chunk: no second copy of the weights (as an mmap of the
+file, a pre-conversion copy, or q/k/v awaiting a cat), and no parameter that breaks
+(SIGBUS) or silently changes when the checkpoint file is later rewritten in place.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 from pathlib import Path
 
@@ -49,7 +56,7 @@ KEY_RULES: list[tuple[str, str | None]] = [
     (r"(resblocks\.\d+)\.mlp\.fc1\.", r"\1.mlp.c_fc."),
     (r"(resblocks\.\d+)\.mlp\.fc2\.", r"\1.mlp.c_proj."),
     (r"(resblocks\.\d+)\.self_attn\.out_proj\.", r"\1.attn.out_proj."),
-    (r"(resblocks\.\d+)\.self_attn\.([qkv])_proj\.(weight|bias)$", r"\1.attn.in_proj_\3[\2]"),  # fuse_qkv
+    (r"(resblocks\.\d+)\.self_attn\.([qkv])_proj\.(weight|bias)$", r"\1.attn.in_proj_\3[\2]"),  # qkv_rows
 ]
 _COMPILED = [(re.compile(p), r) for p, r in KEY_RULES]
 
@@ -67,16 +74,12 @@ def map_key(key: str) -> str | None:
 _QKV = re.compile(r"^(.*)\[([qkv])\]$")
 
 
-def fuse_qkv(parts: dict[str, dict[str, torch.Tensor]], missing: list[str]) -> dict[str, torch.Tensor]:
-    """{'...in_proj_weight': {'q': t, 'k': t, 'v': t}} -> {'...in_proj_weight': cat(q, k, v)} (dim 0)."""
-    fused = {}
-    for name, qkv in parts.items():
-        absent = [f"{name}[{p}]" for p in "qkv" if p not in qkv]
-        if absent:
-            missing.extend(absent)
-            continue
-        fused[name] = torch.cat([qkv["q"], qkv["k"], qkv["v"]], dim=0)  # (3D, D) or (3D,)
-    return fused
+def qkv_rows(packed: torch.Tensor, part: str) -> torch.Tensor:
+    """The rows of open_clip's packed in_proj (3D, ...) = cat(q, k, v) on dim 0 that hold HF CLIP's
+    q, k or v: a view to read that tensor into."""
+    d = packed.shape[0] // 3
+    i = "qkv".index(part)
+    return packed[i * d:(i + 1) * d]  # (D, D) or (D,)
 
 
 class CheckpointError(ValueError):
@@ -110,38 +113,96 @@ def _checkpoint_files(folder: Path, allow_pickle: bool) -> tuple[list[Path], str
                           "pytorch_model*.bin")
 
 
-def _iter_tensors(files: list[Path], fmt: str, device: str):
-    """Yield (file, key, lazy tensor getter, shape, dtype) without reading any tensor data."""
+def _iter_tensors(files: list[Path], fmt: str):
+    """Yield (file, key, read, shape, dtype) without reading tensor data; read(dest) fills a
+    tensor of that shape (any dtype, any device) with the stored values."""
     for f in files:
         if fmt == "pickle":
-            sd = torch.load(f, map_location="cpu", mmap=True, weights_only=True)
+            try:
+                sd = torch.load(f, map_location="cpu", mmap=True, weights_only=True)
+            except (OSError, RuntimeError, ValueError, EOFError) as e:
+                raise CheckpointError(f"{f}: not a readable torch checkpoint ({e})") from None
             for k, t in sd.items():
-                yield f, k, (lambda t=t: t), tuple(t.shape), t.dtype
+                yield f, k, (lambda dest, t=t: dest.copy_(t)), tuple(t.shape), t.dtype
             continue
-        try:
-            handle = safe_open(str(f), framework="pt", device=device)
-            keys = list(handle.keys())
+        try:  # safe_open checks the header and that the data exactly covers the rest of the file
+            with safe_open(str(f), framework="pt") as handle:
+                meta = {k: (sl.get_dtype(), tuple(sl.get_shape())) for k in handle.keys()
+                        for sl in [handle.get_slice(k)]}
         except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(f"{f}: not a readable safetensors file ({e})") from None
-        for k in keys:
-            sl = handle.get_slice(k)
-            dtype = _SAFETENSORS_DTYPES.get(sl.get_dtype())
-            yield f, k, (lambda h=handle, k=k: h.get_tensor(k)), tuple(sl.get_shape()), dtype
+            raise CheckpointError(f"{f}: not a readable safetensors file ({e}){_size_hint(f)}") from None
+        data_start, header = _header(f)
+        for k, (code, shape) in meta.items():
+            dtype = _SAFETENSORS_DTYPES.get(code)
+            start = data_start + header[k]["data_offsets"][0]
+            yield f, k, (lambda dest, f=f, s=start, dt=dtype: _read_into(f, s, dt, dest)), shape, dtype
 
 
 _SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,
-                       "F64": torch.float64, "I64": torch.int64, "I32": torch.int32}
+                       "F64": torch.float64, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
+                       "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+_CHUNK_BYTES = 1 << 26  # a dtype conversion reads through a buffer this large (64 MiB)
+
+
+def _header(f: Path) -> tuple[int, dict[str, dict]]:
+    """(byte where tensor data starts, {key: {"dtype", "shape", "data_offsets"}}) of a safetensors file."""
+    with open(f, "rb") as fh:
+        n = int.from_bytes(fh.read(8), "little")  # header length, u64 little-endian
+        header = json.loads(fh.read(n))
+    header.pop("__metadata__", None)
+    return 8 + n, header
+
+
+def _size_hint(f: Path) -> str:
+    """'; the file has N bytes, its header describes M' when the header is readable but the sizes differ."""
+    try:
+        start, header = _header(f)
+        end = start + max((v["data_offsets"][1] for v in header.values()), default=0)
+    except Exception:  # only a hint; safe_open's error stands on its own
+        return ""
+    size = f.stat().st_size
+    return f"; the file has {size} bytes, its header describes {end} (truncated?)" if size != end else ""
+
+
+def _read_into(f: Path, start: int, stored: torch.dtype, dest: torch.Tensor) -> None:
+    """Fill dest (contiguous) from the bytes at `start` of f, stored as `stored` (little-endian,
+    as safetensors writes and every platform torch runs on reads)."""
+    flat = dest.view(-1)
+    with open(f, "rb", buffering=0) as fh:
+        if stored == dest.dtype and dest.device.type == "cpu":
+            _readinto(fh, start, flat.view(torch.uint8), f)  # straight into the parameter
+            return
+        step = max(1, _CHUNK_BYTES // stored.itemsize)
+        buf = torch.empty(min(step, flat.numel()), dtype=stored)
+        for i in range(0, flat.numel(), step):
+            part = buf[:min(step, flat.numel() - i)]
+            _readinto(fh, start + i * stored.itemsize, part.view(torch.uint8), f)
+            flat[i:i + part.numel()].copy_(part)  # converts dtype, moves to dest's device
+
+
+def _readinto(fh, offset: int, dest: torch.Tensor, f: Path) -> None:
+    """Read exactly dest.numel() bytes at `offset` into the uint8 tensor dest."""
+    view = memoryview(dest.numpy()).cast("B")
+    fh.seek(offset)
+    done = 0
+    while done < len(view):
+        n = fh.readinto(view[done:])
+        if not n:
+            raise CheckpointError(f"{f}: ends at byte {offset + done}, but a tensor needs bytes up to "
+                                  f"{offset + len(view)}; the file was truncated or rewritten while loading")
+        done += n
 
 
 def checkpoint_dtype(path: str | Path) -> torch.dtype:
-    """The floating dtype most of a checkpoint's tensors are stored in."""
+    """The floating dtype that holds most of a checkpoint's weight bytes (not most tensors: a
+    checkpoint may keep its many small norms in fp32 and its matrices in fp16)."""
     folder = Path(path)
     files, fmt = _checkpoint_files(folder, allow_pickle=True)
-    counts: dict[torch.dtype, int] = {}
-    for _, _, _, _, dtype in _iter_tensors(files, fmt, "cpu"):
+    nbytes: dict[torch.dtype, int] = {}
+    for _, _, _, shape, dtype in _iter_tensors(files, fmt):
         if dtype is not None and dtype.is_floating_point:
-            counts[dtype] = counts.get(dtype, 0) + 1
-    return max(counts, key=counts.get) if counts else torch.float32
+            nbytes[dtype] = nbytes.get(dtype, 0) + math.prod(shape) * dtype.itemsize
+    return max(nbytes, key=nbytes.get) if nbytes else torch.float32
 
 
 def default_dtype(stored: torch.dtype, device: str | torch.device) -> torch.dtype:
@@ -171,35 +232,52 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | None = None, device: 
     if tied:
         expected.pop("language_model.lm_head.weight")
 
-    loaded: dict[str, torch.Tensor] = {}
-    qkv: dict[str, dict[str, torch.Tensor]] = {}
+    # 1. names and shapes only: every problem in one error before any data is read
+    plan: list[tuple[str, str | None, Path, str, object]] = []  # (target, q/k/v part, file, key, read)
+    seen: dict[tuple[str, str | None], str] = {}
     unexpected, mismatched, missing = [], [], []
-    read_device = "cpu" if fmt == "pickle" else str(device)
-    for f, key, get, shape, _ in _iter_tensors(files, fmt, read_device):
+    for f, key, read, shape, stored in _iter_tensors(files, fmt):
         name = map_key(key)
         if name is None or (tied and name == "language_model.lm_head.weight"):
             continue  # dropped by a rule, or the tied copy of the embeddings
         m = _QKV.match(name)
-        target = m.group(1) if m else name
+        target, part = (m.group(1), m.group(2)) if m else (name, None)
         if target not in expected:
             unexpected.append(f"{key} (in {f.name})")
             continue
-        if m:  # one third of a packed in_proj: rows [i*D, (i+1)*D)
-            want = (expected[target][0] // 3,) + expected[target][1:]
-            if shape != want:
-                mismatched.append(f"{key}: checkpoint {list(shape)}, model {target} needs {list(want)}")
-                continue
-            qkv.setdefault(target, {})[m.group(2)] = _read(get, f, key).to(dtype)
+        twin = seen.get((target, part)) or seen.get((target, None)) or (part is None and _any_part(seen, target))
+        if twin:
+            unexpected.append(f"{key} (in {f.name}): a second source for {target}, after {twin}")
             continue
-        if shape != expected[target]:
-            mismatched.append(f"{key}: checkpoint {list(shape)}, model {target} needs {list(expected[target])}")
-            continue
-        loaded[target] = _read(get, f, key).to(device=device, dtype=dtype)
-    loaded.update(fuse_qkv(qkv, missing))
-    missing.extend(sorted(set(expected) - set(loaded)))
+        want = expected[target] if part is None else (expected[target][0] // 3,) + expected[target][1:]
+        if shape != want:
+            mismatched.append(f"{key} (in {f.name}): checkpoint {list(shape)}, model {target} needs {list(want)}")
+        elif stored is None:
+            mismatched.append(f"{key} (in {f.name}): stored in a dtype llava_core cannot read")
+        else:
+            plan.append((target, part, f, key, read))
+        seen[target, part] = f"{key} (in {f.name})"
+    for target in expected:
+        parts = {p for t, p in seen if t == target}
+        if parts and parts != {"q", "k", "v"} and None not in parts:  # a packed in_proj short of a part
+            sibling = _any_part(seen, target).split(" (in ")[0]
+            missing += [re.sub(r"\b[qkv]_proj\.", f"{p}_proj.", sibling) + f" (packed into {target})"
+                        for p in "qkv" if p not in parts]
+        elif not parts:
+            missing.append(target)
     if missing or unexpected or mismatched:
         raise CheckpointError(_report(folder, missing, unexpected, mismatched))
 
+    # 2. read each tensor into memory the model will own (packed q/k/v straight into their rows)
+    loaded: dict[str, torch.Tensor] = {}
+    for target, part, f, key, read in plan:
+        if target not in loaded:
+            loaded[target] = torch.empty(expected[target], dtype=dtype, device=device)
+        dest = loaded[target] if part is None else qkv_rows(loaded[target], part)
+        _read(read, dest, f, key)
+
+    if tied:  # the module tree still holds lm_head.weight; point it at the embeddings
+        loaded["language_model.lm_head.weight"] = loaded["language_model.embed_tokens.weight"]
     model.load_state_dict(loaded, strict=True, assign=True)
     model.language_model.rotary.__init__(cfg.text)  # non-persistent buffer: rebuilt off the meta device
     model.language_model.rotary.to(device)
@@ -211,11 +289,15 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | None = None, device: 
     return model.eval()
 
 
-def _read(get, f: Path, key: str) -> torch.Tensor:
+def _any_part(seen: dict, target: str) -> str | None:
+    return next((seen[target, p] for p in "qkv" if (target, p) in seen), None)
+
+
+def _read(read, dest: torch.Tensor, f: Path, key: str) -> None:
     try:
-        return get()
-    except (SafetensorError, OSError, RuntimeError) as e:
-        raise CheckpointError(f"{f}: cannot read tensor {key!r} ({e}); is the file truncated?") from None
+        read(dest)
+    except (OSError, RuntimeError) as e:
+        raise CheckpointError(f"{f}: cannot read tensor {key!r} ({e})") from None
 
 
 def _report(folder: Path, missing: list, unexpected: list, mismatched: list, limit: int = 20) -> str:
