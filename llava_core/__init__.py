@@ -1,0 +1,34 @@
+"""llava_core: LLaVA rebuilt from its parts (open_clip ViT, MLP projector, LLaMA decoder).
+
+The public surface, documented in the README:
+    load_pretrained(path, dtype=None, device="cpu") -> LlavaModel
+    LlavaProcessor.from_pretrained(path)
+    generate(model, processor, prompts, images, **sampling) / stream(...)
+    ChatSession(model, processor, images)
+Names are imported on first use, so `llava-core --help` does not wait for torch.
+"""
+
+__version__ = "0.1.0"
+
+_PUBLIC = {
+    "load_pretrained": "loader",
+    "CheckpointError": "loader",
+    "LlavaProcessor": "processor",
+    "LlavaModel": "llava",
+    "LlavaConfig": "config",
+    "ConfigError": "config",
+    "KVCache": "kv_cache",
+    "SamplingParams": "generate",
+    "generate": "assistant",
+    "stream": "assistant",
+    "ChatSession": "chat",
+}
+
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name):
+    if name in _PUBLIC:
+        import importlib
+        return getattr(importlib.import_module(f".{_PUBLIC[name]}", __name__), name)
+    raise AttributeError(f"module 'llava_core' has no attribute {name!r}")
