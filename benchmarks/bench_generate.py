@@ -1,0 +1,235 @@
+"""Time to first token and decode speed: llava_core against transformers' `generate`.
+
+    python benchmarks/bench_generate.py --dtype bfloat16            # TinyLLaVA shape, random weights
+    python benchmarks/bench_generate.py --model default --dtype float32
+    python benchmarks/bench_generate.py --device cuda --dtype float16 --shape llava-7b
+
+Builds (once, cached under --ckpt-dir) a random-weight llava-hf checkpoint of the chosen
+shape with transformers itself, loads it in both libraries with the same dtype and thread
+count, and prints for one 336x336 image and a 32-token question:
+  - time to first token (vision + prefill + first token) and decode tokens/s, both sides;
+  - the decode memory-bandwidth bound: decoder weight bytes read per token / the read
+    bandwidth of a large fp32 `sum` measured in the same run, and our decode as % of it;
+  - chat turn-2 time to first token with the kept cache vs re-prefilling everything.
+Every figure is the median of --repeats runs. Decode length is forced (no EOS stop).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP
+
+import torch  # noqa: E402
+
+SHAPES = {
+    # CLIP ViT-L/14-336 tower; decoder of TinyLlama-1.1B shape
+    "tinyllava": dict(text=dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                                num_attention_heads=32, num_key_value_heads=4, vocab_size=32064,
+                                max_position_embeddings=2048)),
+    # LLaVA-1.5-7B: Vicuna-7B decoder
+    "llava-7b": dict(text=dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                               num_attention_heads=32, num_key_value_heads=32, vocab_size=32064,
+                               max_position_embeddings=4096)),
+}
+VIT_L_336 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                 image_size=336, patch_size=14, projection_dim=768)
+
+
+def build_checkpoint(folder: Path, shape: str, dtype: torch.dtype) -> Path:
+    """A random llava-hf checkpoint of the given shape, written by transformers (cached)."""
+    from transformers import LlavaForConditionalGeneration
+
+    from llava_core.testing import make_tokenizer, tiny_hf_config, write_processor_files
+
+    if (folder / "config.json").is_file():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    image_id, pad_id = make_tokenizer(folder)
+    s = SHAPES[shape]
+    text = dict(s["text"], pad_token_id=pad_id)
+    cfg = tiny_hf_config(image_id, pad_id, vocab_size=text.pop("vocab_size"), text=text, vision=VIT_L_336)
+    print(f"building a random {shape} checkpoint in {folder} ...", flush=True)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        model = LlavaForConditionalGeneration(cfg).eval()
+    finally:
+        torch.set_default_dtype(default)
+    model.save_pretrained(str(folder))
+    write_processor_files(folder, cfg)
+    return folder
+
+
+def read_bandwidth(device: str) -> float:
+    """GB/s of a large fp32 sum (reads only), best of 5."""
+    x = torch.ones(512 * 2**20 // 4, device=device)  # 512 MiB
+    best = float("inf")
+    for _ in range(5):
+        sync(device)
+        t = time.perf_counter()
+        x.sum()
+        sync(device)
+        best = min(best, time.perf_counter() - t)
+    return x.numel() * 4 / best / 1e9
+
+
+def sync(device: str):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def decoder_bytes(model) -> int:
+    """Weight bytes one decode step reads: every decoder matrix, the norms and the lm_head."""
+    lm = model.language_model
+    n = sum(p.numel() * p.element_size() for name, p in lm.named_parameters() if "embed_tokens" not in name)
+    if lm.cfg.tie_word_embeddings:
+        n += lm.lm_head.weight.numel() * lm.lm_head.weight.element_size()
+    return n
+
+
+def prompt(processor, n_question_tokens: int = 32):
+    from PIL import Image
+
+    words = ("what is the colour and the shape of the object in the middle of this picture and why "
+             "does it look like that to you please answer in detail").split()
+    tok = processor.tokenizer
+    question = " ".join(words)
+    while len(tok(question, add_special_tokens=False).input_ids) > n_question_tokens:
+        question = question.rsplit(" ", 1)[0]
+    image = Image.fromarray((torch.rand(336, 336, 3) * 255).to(torch.uint8).numpy())
+    return question, image
+
+
+def time_ours(model, processor, question, image, new_tokens, device, repeats):
+    from llava_core.generate import SamplingParams, decode_loop, prefill
+
+    enc = processor(text=[processor.prompt(question)], images=[image])
+    ids = enc["input_ids"].to(device)
+    px = enc["pixel_values"].to(device, model.dtype)
+    params = SamplingParams(max_new_tokens=new_tokens)
+    ttft, tps = [], []
+    with torch.inference_mode():
+        for _ in range(repeats + 1):  # the first run warms up
+            cache = model.new_cache(1, ids.shape[1] + new_tokens)
+            sync(device)
+            t0 = time.perf_counter()
+            logits = prefill(model, ids, cache, px)
+            steps = decode_loop(model, logits, cache, params, eos_token_ids=[])
+            next(steps)
+            sync(device)
+            t1 = time.perf_counter()
+            n = sum(1 for _ in steps)
+            sync(device)
+            t2 = time.perf_counter()
+            ttft.append(t1 - t0)
+            tps.append(n / (t2 - t1))
+    return statistics.median(ttft[1:]), statistics.median(tps[1:]), ids.shape[1]
+
+
+def time_hf(hf, processor, question, image, new_tokens, device, repeats):
+    enc = processor(text=[processor.prompt(question)], images=[image])
+    kw = dict(input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device),
+              pixel_values=enc["pixel_values"].to(device, hf.dtype), do_sample=False, pad_token_id=0)
+    ttft, tps = [], []
+    with torch.inference_mode():
+        for _ in range(repeats + 1):
+            sync(device)
+            t0 = time.perf_counter()
+            hf.generate(**kw, max_new_tokens=1, min_new_tokens=1)
+            sync(device)
+            t1 = time.perf_counter()
+            hf.generate(**kw, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+            sync(device)
+            t2 = time.perf_counter()
+            ttft.append(t1 - t0)
+            tps.append((new_tokens - 1) / ((t2 - t1) - (t1 - t0)))
+    return statistics.median(ttft[1:]), statistics.median(tps[1:])
+
+
+def time_chat(model, processor, image, device, repeats):
+    """Turn-2 time to first token: kept cache vs a fresh prefill of the whole conversation."""
+    from llava_core.chat import ChatSession
+
+    kept, fresh = [], []
+    for _ in range(repeats + 1):
+        chat = ChatSession(model, processor, images=image, max_context=1024)
+        chat.ask("What is in the picture?", max_new_tokens=16)
+        chat.messages.append({"role": "user", "content": [{"type": "text", "text": "What colour is it?"}]})
+        ids = chat.prompt_ids()
+        sync(device)
+        t = time.perf_counter()
+        chat.prefill(ids)
+        sync(device)
+        kept.append(time.perf_counter() - t)
+        other = ChatSession(model, processor, images=image, max_context=1024)
+        other.messages, other.images = chat.messages, chat.images
+        sync(device)
+        t = time.perf_counter()
+        other.prefill(ids)
+        sync(device)
+        fresh.append(time.perf_counter() - t)
+    return statistics.median(kept[1:]), statistics.median(fresh[1:])
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="a llava-hf folder or 'default'; else a random --shape")
+    ap.add_argument("--shape", default="tinyllava", choices=sorted(SHAPES))
+    ap.add_argument("--ckpt-dir", default=os.path.join(tempfile.gettempdir(), "llava_core_bench"))
+    ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--new-tokens", type=int, default=33)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--skip-hf", action="store_true")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+
+    from transformers import LlavaForConditionalGeneration
+
+    from llava_core.loader import load_pretrained
+    from llava_core.processor import LlavaProcessor
+
+    if args.model:
+        folder = Path(args.model)
+        if args.model == "default":
+            from llava_core.default_model import resolve_model
+            folder = resolve_model(args.model)
+    else:
+        folder = build_checkpoint(Path(args.ckpt_dir) / f"{args.shape}-{args.dtype}", args.shape, dtype)
+    processor = LlavaProcessor.from_pretrained(folder)
+    question, image = prompt(processor)
+    print(f"checkpoint {folder}; {args.dtype} on {args.device}, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}", flush=True)
+
+    model = load_pretrained(folder, dtype=dtype, device=args.device)
+    ttft, tps, n_prompt = time_ours(model, processor, question, image, args.new_tokens, args.device, args.repeats)
+    bw = read_bandwidth(args.device)
+    weight_bytes = decoder_bytes(model)
+    bound = bw * 1e9 / weight_bytes
+    print(f"prompt: {n_prompt} tokens ({model.cfg.num_image_tokens} image tokens), {args.new_tokens} new tokens")
+    print(f"llava_core    TTFT {ttft:7.3f} s   decode {tps:7.2f} tok/s")
+    print(f"bandwidth bound: {weight_bytes / 1e9:.3f} GB/token at {bw:.1f} GB/s (fp32 sum) = {bound:.2f} tok/s; "
+          f"llava_core decode = {100 * tps / bound:.0f}% of it")
+    kept, fresh = time_chat(model, processor, image, args.device, args.repeats)
+    print(f"chat turn 2 TTFT: kept cache {kept:.3f} s, full re-prefill {fresh:.3f} s ({fresh / kept:.1f}x)")
+    del model
+    if not args.skip_hf:
+        hf = LlavaForConditionalGeneration.from_pretrained(folder, dtype=dtype).to(args.device).eval()
+        hf_ttft, hf_tps = time_hf(hf, processor, question, image, args.new_tokens, args.device, args.repeats)
+        print(f"transformers  TTFT {hf_ttft:7.3f} s   decode {hf_tps:7.2f} tok/s")
+        print(f"ratio: TTFT {ttft / hf_ttft:.2f}x transformers' (lower is better), "
+              f"decode {tps / hf_tps:.2f}x transformers'")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
