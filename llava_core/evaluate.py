@@ -26,7 +26,6 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
-import torch
 from tqdm.auto import tqdm
 
 from .generate import SamplingParams, generate_tokens
@@ -137,7 +136,6 @@ def _qtype_order(qtype: str):
     return (QTYPES.index(qtype) if qtype in QTYPES else len(QTYPES), qtype)
 
 
-@torch.inference_mode()
 def evaluate_synthetic(model, processor, splits=("test", "heldout", "shifted"), n_per_split: int = 200,
                        batch_size: int = 8, seed: int = 0, max_new_tokens: int = 24, data_config=None,
                        predictions: list | None = None) -> dict:
@@ -214,7 +212,6 @@ def read_jsonl(path: str | Path) -> list[dict]:
     return items
 
 
-@torch.inference_mode()
 def evaluate_jsonl(model, processor, path: str | Path, batch_size: int = 8, max_new_tokens: int = 24,
                    predictions: list | None = None) -> dict:
     """VQAv2-style soft accuracy on a JSONL file (see read_jsonl) -> {file stem: {qtype: {"n", "acc"}, "overall"}}
@@ -289,24 +286,6 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 # --- command line ------------------------------------------------------------------------------
 
-def add_eval_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Arguments of `llava-core eval MODEL --suite synthetic | --jsonl FILE [--out results.json]`."""
-    parser.add_argument("model", help="'default', a llava-hf checkpoint folder or a parts folder")
-    what = parser.add_mutually_exclusive_group(required=True)
-    what.add_argument("--suite", choices=["synthetic"], help="the synthetic test/heldout/shifted splits")
-    what.add_argument("--jsonl", type=Path, help="lines of {image, question, answers}: VQA soft accuracy")
-    parser.add_argument("--splits", default="test,heldout,shifted", help="synthetic splits, comma-separated")
-    parser.add_argument("-n", "--n-per-split", type=int, default=200, help="synthetic questions per split")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-new-tokens", type=int, default=24)
-    parser.add_argument("--seed", type=int, default=0, help="synthetic data seed")
-    parser.add_argument("--out", type=Path, help="write the results as JSON here")
-    parser.add_argument("--predictions", type=Path, help="write every question and prediction as JSONL here")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    return parser
-
-
 def run_eval(args: argparse.Namespace) -> dict:
     """The `eval` command: load, score, print the table, write --out / --predictions."""
     from .default_model import resolve_model
@@ -314,6 +293,8 @@ def run_eval(args: argparse.Namespace) -> dict:
     from .processor import LlavaProcessor
 
     folder = resolve_model(args.model)
+    import torch
+
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     model = load_pretrained(folder, dtype=dtype, device=args.device)
     processor = LlavaProcessor.from_pretrained(folder)

@@ -118,3 +118,17 @@ def test_read_done_refuses_a_file_that_is_not_captions(tmp_path):
     f.write_text('{"something": 1}\n')
     with pytest.raises(ValueError, match="other.jsonl:1"):
         read_done(f)
+
+
+def test_export_writes_a_folder_transformers_loads(tiny_ckpt, tmp_path):
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    dst = tmp_path / "exported"
+    r = run("export", tiny_ckpt, dst)
+    assert r.returncode == 0, r.stderr
+    hf = LlavaForConditionalGeneration.from_pretrained(dst)
+    ours = load_pretrained(dst)
+    assert sum(p.numel() for p in hf.parameters()) == sum(p.numel() for p in ours.parameters())
+    assert AutoProcessor.from_pretrained(dst, backend="pil").image_processor.crop_size["height"] == 336
+    r = run("export", tiny_ckpt, dst)  # no silent overwrite
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1

@@ -157,7 +157,10 @@ def test_answer_batch_is_assistant_generate_for_one_turn(tiny):
 
 
 def test_run_eval_command(tiny_ckpt, jsonl, tmp_path, capsys):
-    parser = ev.add_eval_args(argparse.ArgumentParser())
+    from llava_core.cli import add_eval_args
+
+    parser = argparse.ArgumentParser()
+    add_eval_args(parser)
     with pytest.raises(SystemExit):  # --suite or --jsonl is required
         parser.parse_args([str(tiny_ckpt)])
     args = parser.parse_args([str(tiny_ckpt), "--jsonl", str(jsonl), "--max-new-tokens", "2",
