@@ -24,7 +24,6 @@ import copy
 import hashlib
 import json
 import logging
-import math
 import os
 import re
 import shutil
@@ -38,9 +37,10 @@ from tqdm.auto import tqdm
 from .config import ConfigError, LlavaConfig, ProjectorConfig, TextConfig, VisionConfig
 from .export import atomic_folder, hub_state_dict, llava_hf_config, write_json, write_llava_hf, write_safetensors
 from .gguf import SMOLLM2_FILE, SMOLLM2_SHA256, load_gguf_decoder, load_gguf_tokenizer, smollm2_gguf
-from .llama import Block, Rotary
+from .llama import Rotary
 from .llava import LlavaModel
 from .loader import CheckpointError, map_key, qkv_rows
+from .lora import lora_deltas, lora_settings, normalize_lora_state
 from .processor import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageConfig, LlavaProcessor
 from .projector import build_projector
 from .vision import VisionTower
@@ -196,84 +196,6 @@ def build_default_model(vision: VisionConfig, feature_layer: int = -2, strategy:
     return model.to(dtype).eval()
 
 
-# --- LoRA ----------------------------------------------------------------------------------
-
-_LORA_KEY = re.compile(r"^layers\.(\d+)\.(self_attn\.[qkvo]_proj|mlp\.(?:gate|up|down)_proj)\.lora_([AB])\.weight$")
-
-
-def normalize_lora_key(key: str) -> str:
-    """peft's names -> ours: 'base_model.model.[language_model.]layers.3.self_attn.q_proj.lora_A[.default].weight'
-    -> 'layers.3.self_attn.q_proj.lora_A.weight'."""
-    key = re.sub(r"^base_model\.model\.", "", key)
-    key = re.sub(r"^(model\.)?language_model\.", "", key)
-    key = re.sub(r"\.lora_([AB])\.[^.]+\.weight$", r".lora_\1.weight", key)  # adapter name
-    return key
-
-
-def normalize_lora_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """LoRA A/B matrices keyed by our decoder module names; a ValueError names any key that is not
-    a decoder LoRA matrix, and any A without its B."""
-    out, bad = {}, []
-    for key, t in state.items():
-        name = normalize_lora_key(key)
-        if _LORA_KEY.match(name):
-            out[name] = t
-        else:
-            bad.append(key)
-    if bad:
-        raise ValueError(f"LoRA state: {len(bad)} key(s) are not LoRA A/B matrices of the decoder's "
-                         f"linear layers (vision-tower LoRA must be merged before save_parts): {bad[:5]}")
-    alone = [k for k in out if k.replace("lora_A", "lora_B") not in out or k.replace("lora_B", "lora_A") not in out]
-    if alone:
-        raise ValueError(f"LoRA state: A and B must come in pairs; unpaired: {alone[:5]}")
-    return out
-
-
-_UNSUPPORTED = {"use_dora": False, "lora_bias": False, "fan_in_fan_out": False, "alpha_pattern": {},
-                "modules_to_save": None, "trainable_token_indices": None, "layer_replication": None}
-
-
-def lora_settings(lora_config, state: dict[str, torch.Tensor]) -> dict:
-    """adapter_config.json for a normalised LoRA state: r, lora_alpha, use_rslora, target_modules.
-    `lora_config` is a dict or a peft LoraConfig; settings the merge cannot honour are refused."""
-    d = lora_config.to_dict() if hasattr(lora_config, "to_dict") else dict(lora_config)
-    for key in ("r", "lora_alpha"):
-        if key not in d:
-            raise ValueError(f"lora_config lacks {key!r}")
-    for key, ok in _UNSUPPORTED.items():
-        if d.get(key, ok) not in (ok, None, {}, False):
-            raise ValueError(f"lora_config {key}={d[key]!r} is not supported by the merge ({ok!r})")
-    if d.get("bias", "none") != "none":
-        raise ValueError(f"lora_config bias={d['bias']!r} is not supported ('none')")
-    modules = sorted({_LORA_KEY.match(k).group(2).split(".")[-1] for k in state})
-    return {"peft_type": "LORA", "r": int(d["r"]), "lora_alpha": float(d["lora_alpha"]),
-            "use_rslora": bool(d.get("use_rslora", False)), "target_modules": modules, "bias": "none",
-            "base_model": DECODER["file"]}
-
-
-def lora_deltas(state: dict[str, torch.Tensor], settings: dict, cfg: TextConfig, source: str = "LoRA"):
-    """Yield (decoder weight name, delta (out, in) fp32) = scale * B @ A, scale = alpha / r
-    (alpha / sqrt(r) with use_rslora), r being each module's own rank (A's rows)."""
-    shapes = _decoder_linear_shapes(cfg)
-    for key in sorted(k for k in state if ".lora_A." in k):
-        module = key[:-len(".lora_A.weight")]
-        a, b = state[key].float(), state[key.replace("lora_A", "lora_B")].float()  # (r, in), (out, r)
-        want = shapes.get(module + ".weight")
-        if want is None or a.shape[1] != want[1] or b.shape[0] != want[0] or a.shape[0] != b.shape[1]:
-            raise CheckpointError(f"{source}: {key} {list(a.shape)} / lora_B {list(b.shape)} do not fit "
-                                  f"{module} {list(want) if want else '(no such module)'}")
-        r = a.shape[0]
-        scale = settings["lora_alpha"] / (math.sqrt(r) if settings.get("use_rslora") else r)
-        yield module + ".weight", scale * (b @ a)  # (out, r) @ (r, in) -> (out, in)
-
-
-def _decoder_linear_shapes(cfg: TextConfig) -> dict[str, tuple[int, int]]:
-    with torch.device("meta"):
-        block = Block(cfg, 0)
-    shapes = {k: tuple(v.shape) for k, v in block.state_dict().items() if v.ndim == 2}
-    return {f"layers.{i}.{k}": s for i in range(cfg.num_hidden_layers) for k, s in shapes.items()}
-
-
 # --- the parts format ----------------------------------------------------------------------
 
 def _unwrap(model):
@@ -357,7 +279,7 @@ def save_parts(model: LlavaModel, folder: str | Path, lora_state: dict | None = 
     if lora_state is not None and lora_config is None:
         raise ValueError("save_parts: lora_state given without lora_config (r, lora_alpha)")
     lora = normalize_lora_state(lora_state) if lora_state else {}
-    settings = lora_settings(lora_config, lora) if lora else None
+    settings = lora_settings(lora_config, lora, DECODER["file"]) if lora else None
     for _ in lora_deltas(lora, settings, model.cfg.text, "lora_state"):
         pass  # checks every A/B pair against its module's shape before anything is written
     if verify:

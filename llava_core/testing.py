@@ -129,7 +129,7 @@ def write_processor_files(folder: Path, cfg) -> None:
 def to_hub_layout(folder: Path) -> None:
     """Rename `vision_tower.X` to `vision_tower.vision_model.X` in every weight file, as the
     hub checkpoints written by transformers 4.x name them."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     def rename(k: str) -> str:
         if k.startswith("vision_tower.") and not k.startswith("vision_tower.vision_model."):

@@ -13,6 +13,7 @@ pytest.importorskip("gguf")
 peft = pytest.importorskip("peft")
 
 from llava_core import default_model as dm  # noqa: E402
+from llava_core import lora  # noqa: E402
 from llava_core.assistant import generate  # noqa: E402
 from llava_core.config import LlavaConfig, VisionConfig  # noqa: E402
 from llava_core.gguf import SMOLLM2_GGUF, SMOLLM2_SHA256, GGUFIntegrityError, load_gguf_decoder  # noqa: E402
@@ -296,14 +297,14 @@ def test_lora_names_are_normalised_and_checked():
     t = torch.zeros(1)
     names = {"base_model.model.layers.3.self_attn.q_proj.lora_A.weight": t,
              "base_model.model.language_model.layers.3.self_attn.q_proj.lora_B.default.weight": t}
-    assert set(dm.normalize_lora_state(names)) == {"layers.3.self_attn.q_proj.lora_A.weight",
+    assert set(lora.normalize_lora_state(names)) == {"layers.3.self_attn.q_proj.lora_A.weight",
                                                    "layers.3.self_attn.q_proj.lora_B.weight"}
     with pytest.raises(ValueError, match="vision_tower"):
-        dm.normalize_lora_state({"base_model.model.vision_tower.visual.x.lora_A.weight": t})
+        lora.normalize_lora_state({"base_model.model.vision_tower.visual.x.lora_A.weight": t})
     with pytest.raises(ValueError, match="pairs"):
-        dm.normalize_lora_state({"layers.0.mlp.up_proj.lora_A.weight": t})
+        lora.normalize_lora_state({"layers.0.mlp.up_proj.lora_A.weight": t})
     with pytest.raises(ValueError, match="use_dora"):
-        dm.lora_settings({"r": 4, "lora_alpha": 8, "use_dora": True}, {})
+        lora.lora_settings({"r": 4, "lora_alpha": 8, "use_dora": True}, {})
 
 
 def test_export_completes_processor_files_of_any_checkpoint(tiny_ckpt, tmp_path):

@@ -1,10 +1,8 @@
 """Our model against transformers' LlavaForConditionalGeneration on the same checkpoint files."""
 
-import pytest
 import torch
 
 from llava_core.loader import load_pretrained
-from llava_core.testing import make_tiny_checkpoint
 
 FP32_TOL = 1e-4
 
