@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from .config import ConfigError, ProjectorConfig
+from .llama import Linear  # nn.Linear with the fp32 path for bf16 on CPUs without native bf16
 
 
 class MLPProjector(nn.Module):
@@ -23,7 +24,7 @@ class MLPProjector(nn.Module):
         super().__init__()
         self.depth = depth
         for i in range(1, depth + 1):
-            setattr(self, f"linear_{i}", nn.Linear(in_dim if i == 1 else out_dim, out_dim, bias=bias))
+            setattr(self, f"linear_{i}", Linear(in_dim if i == 1 else out_dim, out_dim, bias=bias))
         self.act = nn.GELU()
 
     def num_tokens(self, n_patches: int) -> int:
