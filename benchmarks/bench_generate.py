@@ -133,23 +133,38 @@ def time_ours(model, processor, question, image, new_tokens, device, repeats):
     return statistics.median(ttft[1:]), statistics.median(tps[1:]), ids.shape[1]
 
 
+class _Clock:
+    """A transformers streamer that only notes when each new token arrives."""
+
+    def __init__(self, device):
+        self.device, self.times, self.calls = device, [], 0
+
+    def put(self, value):
+        self.calls += 1
+        if self.calls > 1:  # the first call carries the prompt
+            sync(self.device)
+            self.times.append(time.perf_counter())
+
+    def end(self):
+        pass
+
+
 def time_hf(hf, processor, question, image, new_tokens, device, repeats):
+    """transformers' generate, timed per token through a streamer: TTFT = start -> first new
+    token, decode = tokens after the first / time between the first and the last."""
     enc = processor(text=[processor.prompt(question)], images=[image])
     kw = dict(input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device),
-              pixel_values=enc["pixel_values"].to(device, hf.dtype), do_sample=False, pad_token_id=0)
+              pixel_values=enc["pixel_values"].to(device, hf.dtype), do_sample=False, pad_token_id=0,
+              max_new_tokens=new_tokens, min_new_tokens=new_tokens)
     ttft, tps = [], []
     with torch.inference_mode():
         for _ in range(repeats + 1):
+            clock = _Clock(device)
             sync(device)
             t0 = time.perf_counter()
-            hf.generate(**kw, max_new_tokens=1, min_new_tokens=1)
-            sync(device)
-            t1 = time.perf_counter()
-            hf.generate(**kw, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
-            sync(device)
-            t2 = time.perf_counter()
-            ttft.append(t1 - t0)
-            tps.append((new_tokens - 1) / ((t2 - t1) - (t1 - t0)))
+            hf.generate(**kw, streamer=clock)
+            ttft.append(clock.times[0] - t0)
+            tps.append((len(clock.times) - 1) / (clock.times[-1] - clock.times[0]))
     return statistics.median(ttft[1:]), statistics.median(tps[1:])
 
 
