@@ -456,6 +456,15 @@ def cmd_export(args) -> int:
     return 0
 
 
+# --- train -----------------------------------------------------------------------------------------
+
+
+def add_train(sub) -> None:
+    # Listed for --help only: main() hands `train ...` to the recipe's own parser
+    # (`python -m llava_core.train.recipe --help`: --recipe, --out, --budget-minutes, --stage, --resume).
+    sub.add_parser("train", help="run LLaVA's training recipe for the default model (stages 0-2)")
+
+
 # --- entry point ---------------------------------------------------------------------------------
 
 
@@ -476,10 +485,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_caption(sub)
     add_eval(sub)
     add_export(sub)
+    add_train(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    head = next((i for i, a in enumerate(argv) if not a.startswith("-")), len(argv))
+    if argv[head:head + 1] == ["train"]:  # the recipe parses its own options
+        from .train.recipe import main as train_main
+        return train_main(argv[head + 1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format=f"{PROG}: %(levelname)s: %(message)s")

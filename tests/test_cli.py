@@ -132,3 +132,14 @@ def test_export_writes_a_folder_transformers_loads(tiny_ckpt, tmp_path):
     assert AutoProcessor.from_pretrained(dst, backend="pil").image_processor.crop_size["height"] == 336
     r = run("export", tiny_ckpt, dst)  # no silent overwrite
     assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_train_forwards_its_options_to_the_recipe(capsys):
+    from llava_core.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--help"])
+    assert e.value.code == 0 and "--budget-minutes" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--recipe", "nonsense", "--out", "x"])
+    assert e.value.code == 2 and "nonsense" in capsys.readouterr().err

@@ -1,0 +1,86 @@
+"""Linear probes of a vision tower: is what the assistant must say linearly readable from the
+patch tokens the projector sees?
+
+For shape scenes, the mean of the tokens over each 3x3 grid cell predicts that cell's colour
+and shape (or "empty"); the mean over all tokens predicts the object count. For OCR scenes,
+the tokens' mean and max predict the first character and the text length. Each probe is a
+multinomial logistic regression fitted on `n_train` validation-split images and scored on
+`n_test` test-split images (scenes never seen in training).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..data import DataConfig, make_sample
+from ..processor import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from ..vision import VisionTower
+from .batches import images_to_tensor
+from .stage0_clip import CELL_TARGETS, cell_pool_matrix, cell_targets
+
+CHARS = [chr(c) for c in range(ord("A"), ord("Z") + 1)] + [str(d) for d in range(10)]
+
+
+@torch.no_grad()
+def tower_tokens(tower: VisionTower, samples: list[dict], batch: int = 64) -> torch.Tensor:
+    """(N, P, D) patch tokens of the tower's first feature layer."""
+    out = []
+    for i in range(0, len(samples), batch):
+        px = images_to_tensor([s["image"] for s in samples[i:i + batch]], OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+        out.append(tower.hidden_states(px, tower.feature_layers[:1])[0][:, 1:])  # drop CLS
+    return torch.cat(out)
+
+
+def fit_linear(x: torch.Tensor, y: torch.Tensor, xt: torch.Tensor, yt: torch.Tensor,
+               iters: int = 300, wd: float = 1e-3) -> float:
+    """Test accuracy of a logistic regression (standardised features, full-batch Adam)."""
+    mu, sd = x.mean(0), x.std(0) + 1e-5
+    x, xt = (x - mu) / sd, (xt - mu) / sd
+    k = int(max(y.max(), yt.max())) + 1
+    lin = torch.nn.Linear(x.shape[1], k)
+    opt = torch.optim.Adam(lin.parameters(), lr=1e-2, weight_decay=wd)
+    with torch.enable_grad():
+        for _ in range(iters):
+            opt.zero_grad()
+            F.cross_entropy(lin(x), y).backward()
+            opt.step()
+    return float((lin(xt).argmax(-1) == yt).float().mean())
+
+
+def _samples(split: str, n: int, image_size: int, mix: dict, seed: int = 1) -> list[dict]:
+    cfg = DataConfig(image_size=image_size, seed=seed, mix=mix)
+    return [make_sample(split, i, cfg) for i in range(n)]
+
+
+@torch.no_grad()
+def probe_tower(tower: VisionTower, n_train: int = 1500, n_test: int = 500) -> dict[str, float]:
+    """Accuracies: cell colour/shape (occupied cells), count, OCR first character and length."""
+    size = tower.cfg.image_size
+    pool = cell_pool_matrix(tower.cfg)  # (9, P)
+    res = {}
+    tr = _samples("validation", n_train, size, {"caption_detailed": 1.0})
+    te = _samples("test", n_test, size, {"caption_detailed": 1.0})
+    ftr, fte = tower_tokens(tower, tr), tower_tokens(tower, te)
+    ctr, cte = [torch.einsum("cp,bpd->bcd", pool, f).flatten(0, 1) for f in (ftr, fte)]  # (N*9, D)
+    ttr, tte = cell_targets(tr), cell_targets(te)
+    for k in ("colour", "shape"):
+        y, yt = ttr[k].flatten(), tte[k].flatten()
+        occ, occt = y > 0, yt > 0
+        res[f"cell_{k}"] = round(fit_linear(ctr[occ], y[occ], cte[occt], yt[occt]), 4)
+    res["cell_empty"] = round(fit_linear(ctr, (ttr["colour"].flatten() > 0).long(),
+                                         cte, (tte["colour"].flatten() > 0).long()), 4)
+    count = lambda ss: torch.tensor([len(s["meta"]["objects"]) - 1 for s in ss])  # noqa: E731
+    res["count"] = round(fit_linear(ftr.mean(1), count(tr), fte.mean(1), count(te)), 4)
+    tr = _samples("validation", n_train, size, {"ocr": 1.0})
+    te = _samples("test", n_test, size, {"ocr": 1.0})
+    ftr, fte = tower_tokens(tower, tr), tower_tokens(tower, te)
+    pooled = lambda f: torch.cat([f.mean(1), f.amax(1)], -1)  # noqa: E731
+    first = lambda ss: torch.tensor([CHARS.index(s["meta"]["text"][0]) for s in ss])  # noqa: E731
+    length = lambda ss: torch.tensor([len(s["meta"]["text"]) - 3 for s in ss])  # noqa: E731
+    res["ocr_first_char"] = round(fit_linear(pooled(ftr), first(tr), pooled(fte), first(te)), 4)
+    res["ocr_length"] = round(fit_linear(pooled(ftr), length(tr), pooled(fte), length(te)), 4)
+    return res
+
+
+__all__ = ["probe_tower", "fit_linear", "tower_tokens", "CELL_TARGETS"]

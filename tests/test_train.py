@@ -1,0 +1,269 @@
+"""The training recipe on tiny models: each stage learns, frozen parts stay frozen, LoRA merges,
+runs repeat exactly, and an interrupted run resumes where it stopped."""
+
+import copy
+import json
+
+import pytest
+import torch
+
+from llava_core.config import LlavaConfig, TextConfig, VisionConfig
+from llava_core.llava import LlavaModel
+from llava_core.processor import ImageConfig, LlavaProcessor
+from llava_core.testing import LLAVA15_CHAT_TEMPLATE, make_tokenizer
+from llava_core.train import batches as batches_mod
+from llava_core.train.batches import IGNORE, answer_loss, encode_conversation
+from llava_core.train.common import LoopConfig, lr_factor, read_jsonl
+from llava_core.train.recipe import Recipe, run_recipe
+from llava_core.train.stage0_clip import (CaptionTokenizer, Stage0Config, TextTowerConfig, build_clip,
+                                          load_visual, train_stage0, visual_state)
+from llava_core.train.stage1_align import Stage1Config, train_stage1
+from llava_core.train.stage2_instruct import (Stage2Config, add_lora, lora_config, lora_state, merge_lora,
+                                              mix_at, train_stage2)
+from llava_core.vision import VisionTower
+
+VISION = VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                      image_size=64, patch_size=16)
+
+
+@pytest.fixture(autouse=True)
+def keep_threads():
+    """The stages set torch's thread count; give the other test files theirs back."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def loop(steps, **kw):
+    return LoopConfig(steps=steps, warmup=kw.pop("warmup", 2), ckpt_every=kw.pop("ckpt_every", 0),
+                      progress=False, **kw)
+
+
+@pytest.fixture(scope="module")
+def tok_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tok")
+    ids = make_tokenizer(folder)
+    return folder, ids
+
+
+@pytest.fixture(scope="module")
+def processor(tok_folder):
+    from transformers import AutoTokenizer
+    folder, (image_id, pad_id) = tok_folder
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    return LlavaProcessor(tiny_config(image_id, pad_id), tok, ImageConfig(shortest_edge=64, crop_hw=(64, 64)),
+                          chat_template=LLAVA15_CHAT_TEMPLATE)
+
+
+def tiny_config(image_id, pad_id):
+    text = TextConfig(vocab_size=402, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      pad_token_id=pad_id, bos_token_id=1, eos_token_id=2)
+    return LlavaConfig(vision=VISION, text=text, image_token_index=image_id, vision_feature_layer=-1)
+
+
+def tiny_model(processor, seed=0):
+    torch.manual_seed(seed)
+    return LlavaModel(processor.cfg).eval()
+
+
+def s1(steps=12, **kw):
+    return Stage1Config(batch_size=4, lr=3e-3, bucket=2, max_len=96, loop=loop(steps, **kw))
+
+
+def s2(steps=12, **kw):
+    return Stage2Config(batch_size=4, lr=3e-3, projector_lr=1e-3, lora_r=4, lora_alpha=8, bucket=2, max_len=96,
+                        loop=loop(steps, **kw))
+
+
+def losses(out_dir, name):
+    return [r["loss"] for r in read_jsonl(out_dir / f"{name}.jsonl")]
+
+
+def falls(values, k=4):
+    return sum(values[-k:]) / k < sum(values[:k]) / k
+
+
+# --- pieces ------------------------------------------------------------------------------------
+
+def test_labels_cover_exactly_the_answers(processor):
+    conv = [{"role": "user", "content": "What colour is the circle?"}, {"role": "assistant", "content": "red"},
+            {"role": "user", "content": "How many shapes are there?"}, {"role": "assistant", "content": "3"}]
+    enc = encode_conversation(processor, conv)
+    assert enc.ids.count(processor.image_token_id) == processor.cfg.num_image_tokens
+    labelled = [t for t in enc.labels if t != IGNORE]
+    text = processor.tokenizer.decode(labelled)
+    assert "red" in text and "3" in text and "colour" not in text and "ASSISTANT" not in text
+
+
+def test_answer_loss_matches_full_logits(processor):
+    model = tiny_model(processor)
+    b = batches_mod.ChatBatches(processor, batches_mod.DataConfig(image_size=64), 3, max_len=96, bucket=1)(0)
+    feats = model.image_features(b.pixel_values)
+    loss, _ = answer_loss(model, b, feats)
+    logits = model(b.input_ids, b.pixel_values)  # (B, T, V), full
+    per = []
+    for row in range(b.size):
+        t = b.labels[row, 1:]
+        keep = t != IGNORE
+        per.append(torch.nn.functional.cross_entropy(logits[row, :-1][keep], t[keep]))
+    assert torch.allclose(loss, torch.stack(per).mean(), atol=1e-5)
+
+
+def test_lr_schedule():
+    assert lr_factor(0, 100, 10, 0.1) == pytest.approx(0.1)
+    assert lr_factor(9, 100, 10, 0.1) == pytest.approx(1.0)
+    assert lr_factor(100, 100, 10, 0.1) == pytest.approx(0.1)
+    assert lr_factor(5, None, 10, 0.1) == pytest.approx(0.6)
+
+
+def test_curriculum_moves_from_easy_to_full():
+    cfg = Stage2Config(curriculum=0.5)
+    assert mix_at(cfg, 0, 100)["multiturn"] == 0 and mix_at(cfg, 0, 100)["colour"] == cfg.easy_mix["colour"]
+    assert mix_at(cfg, 60, 100) == {k: cfg.mix.get(k, 0.0) for k in mix_at(cfg, 60, 100)}
+
+
+def test_caption_tokenizer_spells_text():
+    tok = CaptionTokenizer()
+    ids = tok.tokens("the text OPEN in red on light blue")
+    assert len(ids) == 1 + 2 + 4 + 5 + 1 and ids[-1] == tok.eot_id == tok.vocab_size - 1
+
+
+# --- stage 0 -----------------------------------------------------------------------------------
+
+def stage0_cfg(steps, **kw):
+    return Stage0Config(batch_size=16, lr=2e-3, embed_dim=32, text=TextTowerConfig(width=32, heads=2, layers=1),
+                        aux_weight=kw.pop("aux_weight", 1.0), loop=loop(steps, **kw))
+
+
+def test_stage0_learns_and_transfers_exactly(tmp_path):
+    m = train_stage0(tmp_path, VISION, stage0_cfg(16), threads=1)
+    assert falls(losses(tmp_path, "stage0"))
+    assert (tmp_path / "stage0.png").stat().st_size > 1000
+    tower = VisionTower(VISION, [-1], keep_cls=False).eval()
+    load_visual(tower, visual_state(m.clip))
+    px = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ref = m.clip.visual.forward_intermediates(px, indices=[VISION.num_hidden_layers - 1], output_fmt="NLC",
+                                                  intermediates_only=True)["image_intermediates"][0]
+        assert torch.equal(tower(px), ref)
+    with pytest.raises(ValueError, match="do not fit"):
+        load_visual(VisionTower(VisionConfig(hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=2, image_size=64, patch_size=16), [-1], False),
+                    visual_state(m.clip))
+
+
+def test_clip_visual_is_the_tower():
+    clip = build_clip(VISION, TextTowerConfig(width=32, heads=2, layers=1), 16)
+    tower = VisionTower(VISION, [-1], keep_cls=False)
+    assert set(visual_state(clip)) == set(tower.visual.state_dict())
+    assert str(clip.visual.transformer) == str(tower.visual.transformer)
+
+
+# --- stages 1 and 2 ------------------------------------------------------------------------------
+
+def test_stage1_trains_only_the_projector(tmp_path, processor):
+    model = tiny_model(processor)
+    frozen = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("projector.")}
+    proj = {k: v.clone() for k, v in model.projector.state_dict().items()}
+    train_stage1(tmp_path, model, processor, s1(16), threads=1)
+    assert falls(losses(tmp_path, "stage1"))
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in frozen.items())
+    assert all(not p.requires_grad for p in model.parameters())
+    assert any(not torch.equal(model.projector.state_dict()[k], v) for k, v in proj.items())
+
+
+def test_lora_fits_the_decoder_and_merges(tmp_path, processor):
+    model = tiny_model(processor)
+    ids = torch.randint(0, 390, (2, 12))
+    with torch.no_grad():
+        before = model.language_model(model.language_model.embed_tokens(ids))
+    add_lora(model.language_model, lora_config(s2()))
+    wrapped = [n for n, _ in model.language_model.named_modules() if n.endswith(".lora_A")]
+    assert len(wrapped) == 7 * 2  # q k v o gate up down, 2 layers
+    with torch.no_grad():  # B starts at zero: the same function
+        assert torch.equal(model.language_model(model.language_model.embed_tokens(ids)), before)
+    frozen_tower = {k: v.clone() for k, v in model.vision_tower.state_dict().items()}
+    train_stage2(tmp_path, model, processor, s2(12), threads=1)
+    assert falls(losses(tmp_path, "stage2"))
+    assert all(torch.equal(model.vision_tower.state_dict()[k], v) for k, v in frozen_tower.items())
+    state = lora_state(model.language_model)
+    assert state and any(float(v.abs().max()) > 0 for k, v in state.items() if "lora_B" in k)
+    px = torch.randn(2, 3, 64, 64)
+    ids = torch.cat([torch.full((2, processor.cfg.num_image_tokens), processor.image_token_id),
+                     torch.randint(3, 390, (2, 10))], 1)
+    with torch.no_grad():
+        unmerged = model(ids, px)
+        merged_model = copy.deepcopy(model)
+        merge_lora(merged_model.language_model)
+        assert not any("lora" in n for n, _ in merged_model.named_parameters())
+        merged = merged_model(ids, px)
+    assert (merged - unmerged).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_first_20_losses_repeat(tmp_path, processor, stage):
+    runs = []
+    for name in ("a", "b"):
+        if stage == 0:
+            train_stage0(tmp_path / name, VISION, stage0_cfg(20), threads=1)
+        else:
+            train_stage2(tmp_path / name, tiny_model(processor), processor, s2(20), threads=1)
+        runs.append(losses(tmp_path / name, f"stage{stage}"))
+    assert len(runs[0]) == 20
+    assert max(abs(x - y) for x, y in zip(*runs)) <= 1e-4
+
+
+def test_resume_continues_from_the_checkpoint(tmp_path, processor, monkeypatch):
+    full = tiny_model(processor)
+    train_stage2(tmp_path / "full", full, processor, s2(10, ckpt_every=4), threads=1)
+
+    model = tiny_model(processor)
+    real_call = batches_mod.ChatBatches.__call__
+
+    def crash_at_7(self, step):
+        if step == 7:
+            raise KeyboardInterrupt
+        return real_call(self, step)
+
+    monkeypatch.setattr(batches_mod.ChatBatches, "__call__", crash_at_7)
+    with pytest.raises(KeyboardInterrupt):
+        train_stage2(tmp_path / "cut", model, processor, s2(10, ckpt_every=4), threads=1)
+    monkeypatch.setattr(batches_mod.ChatBatches, "__call__", real_call)
+    assert [r["step"] for r in read_jsonl(tmp_path / "cut" / "stage2.jsonl")] == list(range(1, 8))
+
+    model = tiny_model(processor)
+    train_stage2(tmp_path / "cut", model, processor, s2(10, ckpt_every=4), resume=True, threads=1)
+    rows = read_jsonl(tmp_path / "cut" / "stage2.jsonl")
+    assert [r["step"] for r in rows] == list(range(1, 11))  # rows 5-7 of the cut run replaced
+    a, b = losses(tmp_path / "full", "stage2"), [r["loss"] for r in rows]
+    assert max(abs(x - y) for x, y in zip(a, b)) <= 1e-4
+    sa, sb = lora_state(full.language_model), lora_state(model.language_model)
+    assert all(torch.allclose(sa[k], sb[k], atol=1e-6) for k in sa)
+
+
+# --- the recipe ----------------------------------------------------------------------------------
+
+def test_run_recipe_writes_every_stage_and_the_parts(tmp_path, processor):
+    recipe = Recipe(vision=VISION, budget_minutes=None, probe=False, eval_samples=4, threads=1,
+                    stage0=stage0_cfg(3), stage1=s1(3), stage2=s2(3))
+    saved = {}
+
+    def save(model, folder, lora, lora_cfg, extra_files):
+        saved.update(folder=folder, lora=lora, r=lora_cfg.r, extra=extra_files)
+
+    kw = dict(build_model=lambda r: tiny_model(processor), make_processor=lambda cfg: processor, save=save)
+    summary = run_recipe(tmp_path, recipe, **kw)
+    for s in (0, 1, 2):
+        for ext in ("jsonl", "png", "ckpt"):
+            assert (tmp_path / "train" / f"stage{s}.{ext}").is_file()
+        assert summary["stages"][str(s)]["steps"] == 3
+    assert "validation" not in summary and "overall" in summary["stages"]["2"]["eval"]
+    assert saved["folder"] == tmp_path / "parts" and saved["r"] == 4
+    assert any("lora_B" in k for k in saved["lora"])
+    assert json.loads((tmp_path / "train" / "summary.json").read_text())["stages"]["1"]["steps"] == 3
+    # stage 2 alone picks up the outputs of stages 0 and 1 from the folder
+    run_recipe(tmp_path, recipe, stages=(2,), **kw)
+    with pytest.raises(FileNotFoundError, match="stage 0"):
+        run_recipe(tmp_path / "empty", recipe, stages=(2,), **kw)
