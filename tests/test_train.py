@@ -117,6 +117,12 @@ def test_lr_schedule():
     assert lr_factor(5, None, 10, 0.1) == pytest.approx(0.6)
 
 
+def test_budget_split_over_the_stages_run():
+    r = Recipe(budget_minutes=64, reserve_minutes=4, shares=(1, 1, 2))
+    assert r.stage_budgets() == {0: 900, 1: 900, 2: 1800}
+    assert r.stage_budgets((1, 2)) == {0: None, 1: 1200, 2: 2400}
+
+
 def test_curriculum_moves_from_easy_to_full():
     cfg = Stage2Config(curriculum=0.5)
     assert mix_at(cfg, 0, 100)["multiturn"] == 0 and mix_at(cfg, 0, 100)["colour"] == cfg.easy_mix["colour"]
@@ -241,6 +247,10 @@ def test_resume_continues_from_the_checkpoint(tmp_path, processor, monkeypatch):
     assert max(abs(x - y) for x, y in zip(a, b)) <= 1e-4
     sa, sb = lora_state(full.language_model), lora_state(model.language_model)
     assert all(torch.allclose(sa[k], sb[k], atol=1e-6) for k in sa)
+    other = s2(10)
+    other.lora_r = 2
+    with pytest.raises(ValueError, match="lora_r: 4 -> 2"):
+        train_stage2(tmp_path / "cut", tiny_model(processor), processor, other, resume=True, threads=1)
 
 
 # --- the recipe ----------------------------------------------------------------------------------

@@ -11,10 +11,18 @@
     from llava_core.train import run_recipe, default_recipe
     run_recipe("runs/r1", default_recipe())        # stages 0-2, parts in runs/r1/parts
 
-Under `torchrun --nproc_per_node N -m llava_core.train.recipe --out DIR` each stage wraps its
+    python -m llava_core.train --out runs/r1 [--budget-minutes 55] [--stage all] [--resume]
+
+Under `torchrun --nproc_per_node N -m llava_core.train --out DIR` each stage wraps its
 trainable module in DistributedDataParallel (gloo) and reads its rank's share of the samples.
 """
 
-from .recipe import RECIPES, Recipe, add_train_args, default_recipe, run_recipe, run_train
-
 __all__ = ["Recipe", "RECIPES", "default_recipe", "run_recipe", "add_train_args", "run_train"]
+
+
+def __getattr__(name):
+    # Lazy, so `python -m llava_core.train.recipe` (or a stage module) does not import itself twice.
+    if name in __all__:
+        from . import recipe
+        return getattr(recipe, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -199,6 +199,24 @@ class LoopResult:
     stopped_by_budget: bool
 
 
+def _flat(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_differences(old: dict, new: dict) -> list[str]:
+    """'key: old -> new' for each setting that differs, the loop's budget and step settings aside
+    (a resumed run may be given more time)."""
+    a, b = _flat(old), _flat(new)
+    keys = sorted(k for k in set(a) | set(b) if ".loop." not in f".{k}" and a.get(k) != b.get(k))
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys]
+
+
 def train_loop(name: str, out_dir: str | Path, cfg: LoopConfig, step_fn: Callable[[int, int | None], dict],
                optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter],
                state: Callable[[], dict], load_state: Callable[[dict], None],
@@ -217,6 +235,10 @@ def train_loop(name: str, out_dir: str | Path, cfg: LoopConfig, step_fn: Callabl
     start, total, elapsed0 = 0, cfg.steps, 0.0
     if resume and ckpt_path.is_file():
         ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        differ = config_differences(ck.get("meta", {}), meta or {})
+        if differ:
+            raise ValueError(f"{ckpt_path}: written by a run with other settings ({'; '.join(differ[:6])}); "
+                             "resume with the same recipe, or train into a fresh folder")
         load_state(ck["state"])
         optimizer.load_state_dict(ck["optimizer"])
         set_rng_state(ck["rng"])

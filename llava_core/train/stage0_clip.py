@@ -15,18 +15,18 @@ characters themselves.
 
 Auxiliary heads (`aux_weight > 0`, cheap: linear layers on tokens already computed): on the
 feature layer's patch tokens, the mean over each 3x3 grid cell predicts that cell's colour,
-shape and size (or empty), and each patch predicts the character drawn over it (or none).
-Contrastive learning alone, in the few hundred steps this CPU affords, leaves shape, count
-and characters barely readable by a linear probe; these heads ask the very tokens the
-projector will see to make those facts linearly readable.
+shape and size (or empty), each patch the colour and shape of the object over it, and each
+patch the character drawn over it (or none). Contrastive learning alone, in the hundred-odd
+steps measured here, left cell colour *less* linearly readable than a random tower (0.81 vs
+0.93) and shape, count and characters at chance; these heads ask the very tokens the projector
+will see to make those facts linearly readable. Shape is still the slowest to come.
 
-    python -m llava_core.train.stage0_clip --out runs/s0 --minutes 10
-    torchrun --nproc_per_node 2 -m llava_core.train.stage0_clip --out runs/s0 --minutes 10
+    python -m llava_core.train --out runs/r1 --stage 0 --budget-minutes 15   # no decoder needed
+    torchrun --nproc_per_node 2 -m llava_core.train --out runs/r1 --stage 0 --budget-minutes 15
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import re
 from dataclasses import asdict, dataclass, field
@@ -311,7 +311,7 @@ class Stage0Config:
     sincos_init: bool = True  # 2D sin-cos initial values for the learnable position embedding
     text: TextTowerConfig = field(default_factory=TextTowerConfig)
     mix: dict = field(default_factory=lambda: {"caption_detailed": 0.6, "ocr": 0.2, "document": 0.2})
-    aux_weight: float = 1.0  # > 0: add the per-cell colour/shape/size heads on the feature layer
+    aux_weight: float = 1.0  # weight of the auxiliary heads (cells, patches, characters); 0: contrastive only
     feature_layer: int = -1  # the layer the aux heads read (the LLaVA feature layer)
     split: str = "train"
     offset: int = 0  # first sample index
@@ -320,7 +320,7 @@ class Stage0Config:
 
 
 class PairBatches:
-    """Batch `step` of (pixel_values, caption ids, cell targets) for this rank; a pure function of step."""
+    """Batch `step` of (pixel_values, caption ids, aux targets) for this rank; a pure function of step."""
 
     def __init__(self, vision: VisionConfig, cfg: Stage0Config, rank: int = 0, world: int = 1):
         self.data = DataConfig(image_size=vision.image_size, seed=cfg.seed, mix=dict(cfg.mix))
@@ -356,7 +356,7 @@ def encode_text(clip, text: torch.Tensor) -> torch.Tensor:
 
 
 class Stage0Model(nn.Module):
-    """CLIP plus the optional cell heads; forward returns the loss and metrics of one batch."""
+    """CLIP plus the auxiliary heads; forward returns the loss and metrics of one batch."""
 
     def __init__(self, vision: VisionConfig, cfg: Stage0Config, dist: Dist):
         super().__init__()
@@ -416,24 +416,3 @@ def train_stage0(out_dir: str | Path, vision: VisionConfig, cfg: Stage0Config, r
                resume=resume, dist=dist, meta={"vision": asdict(vision), "stage0": asdict(cfg)})
     model.eval()
     return model
-
-
-def main(argv=None):
-    from .recipe import default_recipe
-
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", required=True)
-    p.add_argument("--minutes", type=float, default=10)
-    p.add_argument("--steps", type=int)
-    p.add_argument("--resume", action="store_true")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    recipe = default_recipe()
-    cfg = recipe.stage0
-    cfg.feature_layer = recipe.feature_layer
-    cfg.loop.budget_s, cfg.loop.steps = args.minutes * 60, args.steps
-    train_stage0(args.out, recipe.vision, cfg, resume=args.resume)
-
-
-if __name__ == "__main__":
-    main()

@@ -7,8 +7,8 @@ image's caption. The loss is taken on the answer tokens only, per-sample normali
 the lm_head run only at those positions. The data is mostly detailed captions of shape
 scenes, plus OCR and document questions so text images are aligned too.
 
-    python -m llava_core.train.stage1_align --out runs/r1 --minutes 8   # after stage 0 in runs/r1
-    torchrun --nproc_per_node 2 -m llava_core.train.stage1_align --out runs/r1 --minutes 8
+    python -m llava_core.train --out runs/r1 --stage 1 --budget-minutes 10   # after stage 0 in runs/r1
+    torchrun --nproc_per_node 2 -m llava_core.train --out runs/r1 --stage 1 --budget-minutes 10
 """
 
 from __future__ import annotations

@@ -9,8 +9,8 @@ multi-turn conversation), per-sample normalised, on the instruct mix, with a cur
 the mix moves linearly from EASY_MIX (colour, shape, short captions, OCR) to the full
 INSTRUCT_MIX over the first `curriculum` fraction of the steps.
 
-    python -m llava_core.train.stage2_instruct --out runs/r1 --minutes 25   # after stages 0-1
-    torchrun --nproc_per_node 2 -m llava_core.train.stage2_instruct --out runs/r1 --minutes 25
+    python -m llava_core.train --out runs/r1 --stage 2 --budget-minutes 30   # after stages 0-1
+    torchrun --nproc_per_node 2 -m llava_core.train --out runs/r1 --stage 2 --budget-minutes 30
 """
 
 from __future__ import annotations
