@@ -20,14 +20,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import re
-import tempfile
 from collections import Counter
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from .atomic import atomic_write_text
 from .generate import SamplingParams, generate_tokens
 
 log = logging.getLogger(__name__)
@@ -264,24 +263,11 @@ def format_table(results: dict) -> str:
 
 def save_json(results, path: str | Path) -> None:
     """Write JSON atomically (a temp file in the same folder, then rename)."""
-    _atomic_write_text(Path(path), json.dumps(results, indent=2, default=str) + "\n")
+    atomic_write_text(path, json.dumps(results, indent=2, default=str) + "\n")
 
 
 def save_jsonl(rows: list[dict], path: str | Path) -> None:
-    _atomic_write_text(Path(path), "".join(json.dumps(r, default=str) + "\n" for r in rows))
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    atomic_write_text(path, "".join(json.dumps(r, default=str) + "\n" for r in rows))
 
 
 # --- command line ------------------------------------------------------------------------------

@@ -11,12 +11,13 @@ to fp16, plus a small sentencepiece tokenizer (byte fallback, like LLaMA's) with
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
 
 import torch
+
+from .atomic import atomic_save_file
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
@@ -144,17 +145,3 @@ def to_hub_layout(folder: Path) -> None:
         d = json.loads(index.read_text())
         d["weight_map"] = {rename(k): v for k, v in d["weight_map"].items()}
         index.write_text(json.dumps(d, indent=2))
-
-
-def atomic_save_file(tensors: dict, path: Path, metadata: dict | None = None) -> None:
-    """safetensors save through a temp file in the same folder, then rename: never half-written."""
-    from safetensors.torch import save_file
-
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise

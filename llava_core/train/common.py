@@ -23,7 +23,6 @@ import logging
 import math
 import os
 import random
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,6 +31,8 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn as nn
+
+from ..atomic import atomic_path, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -110,27 +111,9 @@ def trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:
 # --- files -----------------------------------------------------------------------------
 
 def atomic_torch_save(obj, path: str | Path) -> None:
-    """torch.save through a temp file in the same folder, then rename: never half-written."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
+    """torch.save, atomically."""
+    with atomic_path(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 class MetricsLog:

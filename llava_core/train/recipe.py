@@ -38,7 +38,8 @@ from pathlib import Path
 import torch
 
 from ..config import VisionConfig
-from .common import Dist, LoopConfig, atomic_write_text, init_distributed, setup_torch
+from ..atomic import atomic_write_text
+from .common import Dist, LoopConfig, init_distributed, setup_torch
 from .stage0_clip import Stage0Config, load_visual, train_stage0, visual_state
 from .stage1_align import Stage1Config, train_stage1
 from .stage2_instruct import Stage2Config, lora_state, train_stage2
@@ -102,7 +103,7 @@ RECIPES = {"default": default_recipe, "smoke": smoke_recipe}
 # --- stage outputs ---------------------------------------------------------------------------
 
 def _save_tensors(tensors: dict, path: Path) -> None:
-    from ..testing import atomic_save_file
+    from ..atomic import atomic_save_file
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_save_file({k: v.detach().contiguous() for k, v in tensors.items()}, path)
 
