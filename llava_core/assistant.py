@@ -87,12 +87,4 @@ def stream(model, processor, prompt: str, images=None, **sampling) -> Iterator[s
     params = SamplingParams(**sampling)
     ids, mask, px = _encode(model, processor, prompts, images)
     out = TextStream(processor.tokenizer, params.stop_strings)
-    for tokens in generate_tokens(model, ids, params, model.cfg.text.eos_token_ids, px, mask):
-        piece = out.push(int(tokens[0]))
-        if piece:
-            yield piece
-        if out.stopped:
-            return
-    rest = out.finish()
-    if rest:
-        yield rest
+    yield from out.follow(generate_tokens(model, ids, params, model.cfg.text.eos_token_ids, px, mask))

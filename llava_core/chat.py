@@ -146,15 +146,10 @@ class ChatSession:
             seen = seen_tokens(torch.tensor([ids]), None, text_cfg.vocab_size).to(logits.device)
         stream = TextStream(tok, params.stop_strings)
         pieces: list[str] = []
-        for tokens in decode_loop(self.model, logits, self.cache, params, text_cfg.eos_token_ids, seen):
-            pieces.append(stream.push(int(tokens[0])))
-            if pieces[-1]:
-                yield pieces[-1]
-            if stream.stopped:
-                break
-        pieces.append(stream.finish())
-        if pieces[-1]:
-            yield pieces[-1]
+        for piece in stream.follow(decode_loop(self.model, logits, self.cache, params, text_cfg.eos_token_ids,
+                                               seen)):
+            pieces.append(piece)
+            yield piece
         self.cached_ids = (ids + stream.ids)[:self.cache.length]
         answer = "".join(pieces).strip()
         self.messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})

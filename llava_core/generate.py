@@ -193,6 +193,19 @@ class TextStream:
             return ""
         return self._emit(text[:len(text) - _held_back(text, self.stop_strings)])
 
+    def follow(self, steps) -> Iterator[str]:
+        """Yield the non-empty text pieces of row 0 of a token-step iterator ((B,) per step),
+        stopping at a stop string, then the rest once the steps end."""
+        for tokens in steps:
+            piece = self.push(int(tokens[0]))
+            if piece:
+                yield piece
+            if self.stopped:
+                return
+        rest = self.finish()
+        if rest:
+            yield rest
+
     def finish(self) -> str:
         """The rest of the text once generation has ended."""
         if self.stopped:
