@@ -112,10 +112,15 @@ def seen_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, vo
 @torch.inference_mode()
 def decode_loop(model: LlavaModel, logits: torch.Tensor, cache: KVCache, params: SamplingParams,
                 eos_token_ids: list[int], seen: torch.Tensor | None = None,
-                pad_token_id: int = 0) -> Iterator[torch.Tensor]:
+                pad_token_id: int = 0, cuda_graph: bool = True) -> Iterator[torch.Tensor]:
     """From the prompt's last logits (B, V), yield each step's tokens (B,) until every row has
     produced an EOS id or max_new_tokens. Finished rows yield pad_token_id. The last token
-    yielded is not fed back, so the cache ends one token short of the output."""
+    yielded is not fed back, so the cache ends one token short of the output.
+    On CUDA the step is replayed as a CUDA graph (cuda_graph.py) unless cuda_graph=False."""
+    step_fn = decode_one
+    if cuda_graph and cache.k.is_cuda and params.max_new_tokens > 2:
+        from .cuda_graph import GraphedStep
+        step_fn = GraphedStep(model, cache)
     generator = None
     if params.seed is not None:
         generator = torch.Generator(device=logits.device).manual_seed(params.seed)
@@ -131,13 +136,13 @@ def decode_loop(model: LlavaModel, logits: torch.Tensor, cache: KVCache, params:
             return
         if seen is not None:
             seen.scatter_(1, tokens[:, None], True)
-        logits = decode_one(model, tokens, cache)
+        logits = step_fn(model, tokens, cache)
 
 
 @torch.inference_mode()
 def generate_tokens(model: LlavaModel, input_ids: torch.Tensor, params: SamplingParams,
                     eos_token_ids: list[int], pixel_values=None, attention_mask=None,
-                    pad_token_id: int = 0) -> Iterator[torch.Tensor]:
+                    pad_token_id: int = 0, cuda_graph: bool = True) -> Iterator[torch.Tensor]:
     """Prefill a (left-padded) batch of prompts, then yield each step's tokens (B,)."""
     B, T = input_ids.shape
     cache = model.new_cache(B, T + params.max_new_tokens)
@@ -145,7 +150,7 @@ def generate_tokens(model: LlavaModel, input_ids: torch.Tensor, params: Sampling
     if params.repetition_penalty != 1.0:
         seen = seen_tokens(input_ids, attention_mask, model.cfg.text.vocab_size)
     logits = prefill(model, input_ids, cache, pixel_values, attention_mask)
-    yield from decode_loop(model, logits, cache, params, eos_token_ids, seen, pad_token_id)
+    yield from decode_loop(model, logits, cache, params, eos_token_ids, seen, pad_token_id, cuda_graph)
 
 
 def find_stop(text: str, stop_strings: list[str]) -> int:

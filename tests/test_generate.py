@@ -88,6 +88,35 @@ def test_cached_decode_equals_full_forward(ours):
         assert (lg - full[:, n - 1 + i]).abs().max() <= 1e-4
 
 
+def test_fixed_shape_step_equals_the_eager_step(ours):
+    """cuda_graph.static_step (full-length masked attention, slot as a tensor) gives the eager
+    decode step's logits and cache contents, here on the CPU, for a left-padded batch."""
+    from llava_core.cuda_graph import static_step
+    from llava_core.generate import decode_one, prefill
+
+    cfg = ours.cfg
+    a, b = prompt_ids(cfg, batch=1, n_text=6, seed=12)[0], prompt_ids(cfg, batch=1, n_text=14, seed=13)[0]
+    ids = torch.stack([torch.cat([torch.full((len(b) - len(a),), cfg.text.pad_token_id), a]), b])
+    mask = torch.ones_like(ids)
+    mask[0, :len(b) - len(a)] = 0
+    px = torch.randn(2, 3, 336, 336, generator=torch.Generator().manual_seed(12))
+    eager, fixed = ours.new_cache(2, ids.shape[1] + 8), ours.new_cache(2, ids.shape[1] + 8)
+    with torch.inference_mode():
+        la = prefill(ours, ids, eager, px, mask)
+        lb = prefill(ours, ids, fixed, px, mask)
+        for _ in range(5):
+            tokens = la.argmax(-1)
+            la = decode_one(ours, tokens, eager)
+            lb = static_step(ours, tokens, torch.tensor([fixed.length]), fixed)
+            fixed.next_pos += 1
+            fixed.length += 1
+            assert (la - lb).abs().max() <= 1e-5
+    n = eager.length
+    assert fixed.length == n and torch.equal(fixed.valid, eager.valid)
+    assert torch.equal(fixed.next_pos, eager.next_pos)
+    assert (fixed.k[:, :, :, :n] - eager.k[:, :, :, :n]).abs().max() <= 1e-6
+
+
 def test_sampling_is_seeded_and_top_k_1_is_greedy(ours):
     ids = prompt_ids(ours.cfg, batch=2, seed=9)
     px = torch.randn(2, 3, 336, 336, generator=torch.Generator().manual_seed(9))
