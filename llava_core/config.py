@@ -12,6 +12,8 @@ A field we cannot honour is a `ConfigError` naming it, never a silent default.
 from __future__ import annotations
 
 import json
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -91,10 +93,75 @@ class TextConfig:
         return list(self.eos_token_id) if isinstance(self.eos_token_id, (list, tuple)) else [self.eos_token_id]
 
 
+# --- projector names ------------------------------------------------------------------
+# projector.py builds the modules; their names and token counts live here, free of torch, so
+# that LlavaConfig can count image tokens. Family (as users see it) -> the full-match pattern;
+# `n` is the number in the name. The table of what each one is sits in projector.py's docstring.
+PROJECTORS: dict[str, str] = {
+    "linear": r"linear",
+    "mlpNx_gelu": r"mlp(?P<n>[1-9]\d*)x_gelu",  # N linear layers, GELU between
+    "identity": r"identity",  # vision width must equal text width
+    "avgpoolK_mlp2x_gelu": r"avgpool(?P<n>[1-9]\d*)_mlp2x_gelu",  # K x K average pooling, then mlp2x_gelu
+    "cabstractor[M]": r"cabstractor(?P<n>[1-9]\d*)?",  # M output tokens (a square); none: a quarter
+    "ldp": r"ldp",  # a quarter of the patches
+    "resamplerQ": r"resampler(?P<n>[1-9]\d*)",  # Q learned queries -> Q tokens
+}
+GRID_PROJECTORS = ("avgpoolK_mlp2x_gelu", "cabstractor[M]", "ldp")  # need a square patch grid, no CLS
+
+
+def parse_projector(kind: str) -> tuple[str, int | None]:
+    """'avgpool2_mlp2x_gelu' -> ('avgpoolK_mlp2x_gelu', 2); an unknown name is a ConfigError."""
+    for family, pattern in PROJECTORS.items():
+        m = re.fullmatch(pattern, kind) if isinstance(kind, str) else None
+        if m:
+            n = m.groupdict().get("n")
+            return family, None if n is None else int(n)
+    raise ConfigError(f"projector {kind!r} is unknown; known: {', '.join(PROJECTORS)} (N, K, M, Q: "
+                      "positive numbers, e.g. mlp2x_gelu, avgpool2_mlp2x_gelu, cabstractor144, resampler64)")
+
+
+def grid_side(n_tokens: int, kind: str) -> int:
+    """Patches per side of the square grid that n_tokens vision tokens form, for projector `kind`."""
+    side = math.isqrt(n_tokens)
+    if side * side != n_tokens:
+        raise ConfigError(f"projector {kind!r} works on a square patch grid, but N={n_tokens} vision "
+                          "tokens per image is not a square")
+    return side
+
+
+def projector_tokens(kind: str, n_tokens: int) -> int:
+    """Tokens per image that projector `kind` emits for n_tokens vision tokens (patches, + CLS)."""
+    family, n = parse_projector(kind)
+    if family in ("linear", "mlpNx_gelu", "identity"):
+        return n_tokens
+    if family == "resamplerQ":
+        return n
+    side = grid_side(n_tokens, kind)
+    if family == "avgpoolK_mlp2x_gelu" or family == "ldp":
+        k = 2 if family == "ldp" else n  # ldp: one stride-2 conv
+        if side % k:
+            raise ConfigError(f"projector {kind!r}: the {side}x{side} patch grid (N={n_tokens}) does not "
+                              f"divide by {k}")
+        return (side // k) ** 2
+    # cabstractor: adaptive pooling to M tokens, or to half the grid per side
+    if n is None:
+        if side < 2:
+            raise ConfigError(f"projector {kind!r}: a {side}x{side} patch grid (N={n_tokens}) has no half")
+        return (side // 2) ** 2
+    out = math.isqrt(n)
+    if out * out != n or out > side:
+        raise ConfigError(f"projector {kind!r}: M={n} output tokens must be a square grid no larger than "
+                          f"the {side}x{side} patch grid (N={n_tokens})")
+    return n
+
+
 @dataclass
 class ProjectorConfig:
-    kind: str = "mlp2x_gelu"  # a name in projector.PROJECTORS
-    bias: bool = True
+    kind: str = "mlp2x_gelu"  # a name matching one of PROJECTORS' patterns
+    bias: bool = True  # on the projector's linear layers
+
+    def __post_init__(self):
+        parse_projector(self.kind)  # an unknown name fails here, listing the known ones
 
 
 @dataclass
@@ -116,15 +183,29 @@ class LlavaConfig:
             if not (-n <= layer <= n) or layer == 0:
                 raise ConfigError(f"vision_feature_layer={layer} is out of range for a {n}-layer "
                                   f"tower (use -{n}..-1 or 1..{n}; 0, the embeddings, is not supported)")
-        self.num_image_tokens = self.vision.num_patches + (self.vision_feature_select_strategy == "full")
+        kind = self.projector.kind
+        family, _ = parse_projector(kind)
+        if family == "identity" and self.vision_feature_dim != self.text.hidden_size:
+            raise ConfigError(f"projector 'identity' needs equal widths, but the vision features are "
+                              f"{self.vision_feature_dim}-d and text_config.hidden_size is {self.text.hidden_size}")
+        if family in GRID_PROJECTORS and self.vision_feature_select_strategy == "full":
+            raise ConfigError(f"projector {kind!r} pools the square patch grid and cannot take the CLS "
+                              "token that vision_feature_select_strategy='full' keeps; use 'default'")
+        # features per image out of the vision tower, then tokens per image out of the projector
+        self.num_vision_tokens = self.vision.num_patches + (self.vision_feature_select_strategy == "full")
+        self.num_image_tokens = projector_tokens(kind, self.num_vision_tokens)
         # transformers writes image_seq_length = patches (576) whatever the strategy and never reads
-        # it back, so that value is accepted under "full" too; any other disagreement is an error.
-        accepted = {self.num_image_tokens, self.vision.num_patches}
+        # it back, so that value is accepted under "full" too, for projectors that keep one token
+        # per feature; any other disagreement is an error.
+        accepted = {self.num_image_tokens}
+        if self.num_image_tokens == self.num_vision_tokens:
+            accepted.add(self.vision.num_patches)
         if self.image_seq_length is not None and self.image_seq_length not in accepted:
             raise ConfigError(f"image_seq_length={self.image_seq_length} disagrees with the "
                               f"{self.num_image_tokens} image tokens that vision_config "
-                              f"({self.vision.image_size}px, patch {self.vision.patch_size}) and "
-                              f"strategy {self.vision_feature_select_strategy!r} produce")
+                              f"({self.vision.image_size}px, patch {self.vision.patch_size}), "
+                              f"strategy {self.vision_feature_select_strategy!r} and projector "
+                              f"{kind!r} produce")
 
     @property
     def feature_layers(self) -> list[int]:

@@ -109,7 +109,9 @@ def llava_hf_config(cfg: LlavaConfig, dtype: torch.dtype = torch.float32) -> dic
                projector_hidden_act="gelu", multimodal_projector_bias=cfg.projector.bias,
                tie_word_embeddings=t.tie_word_embeddings, pad_token_id=t.pad_token_id,
                torch_dtype=_dtype_name(dtype))
-    if cfg.projector.kind != "mlp2x_gelu":  # transformers' LlavaMultiModalProjector is mlp2x_gelu only
+    # transformers' LlavaMultiModalProjector is mlp2x_gelu only; the field and the key names of
+    # the others are listed in projector.py's docstring
+    if cfg.projector.kind != "mlp2x_gelu":
         log.warning("projector %r: llava_core reads this checkpoint, transformers cannot", cfg.projector.kind)
         out["llava_core_projector"] = cfg.projector.kind
     return out

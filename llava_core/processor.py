@@ -407,17 +407,20 @@ def _read_json(path: Path) -> dict:
 
 
 def _check_image_tokens(cfg: LlavaConfig, image_cfg: ImageConfig, proc: dict, source: Path) -> None:
-    """processor_config.json's patch_size / num_additional_image_tokens must give our count."""
+    """processor_config.json's patch_size / num_additional_image_tokens must give our count of
+    vision-tower tokens: what transformers' LlavaProcessor expands `<image>` to, and what a
+    one-token-per-feature projector emits. A token-reducing projector (config.projector_tokens)
+    then turns those into cfg.num_image_tokens, the count tokenize() uses."""
     if proc.get("patch_size") is None:
         return
     h, w = image_cfg.output_hw
     n = (h // proc["patch_size"]) * (w // proc["patch_size"]) + proc.get("num_additional_image_tokens", 0)
     n -= proc.get("vision_feature_select_strategy") == "default"
-    if n != cfg.num_image_tokens:
+    if n != cfg.num_vision_tokens:
         raise ConfigError(f"{source}: patch_size {proc['patch_size']}, num_additional_image_tokens "
                           f"{proc.get('num_additional_image_tokens', 0)} and strategy "
                           f"{proc.get('vision_feature_select_strategy')!r} give {n} image tokens per image, "
-                          f"but config.json gives {cfg.num_image_tokens}")
+                          f"but config.json's vision tower gives {cfg.num_vision_tokens}")
 
 
 def _read_chat_template(path: Path, proc: dict, tokenizer) -> str | None:

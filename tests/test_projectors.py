@@ -1,0 +1,171 @@
+"""The projector registry: every kind emits the token count its name promises, the config and
+the processor follow that count, and every kind survives save_llava_hf -> load_pretrained with
+bit-identical logits. Tiny tower: 64 px images, 16 px patches, a 4x4 grid of 16 patches."""
+
+import dataclasses
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from llava_core.config import ConfigError, LlavaConfig, ProjectorConfig, projector_tokens
+from llava_core.export import save_llava_hf
+from llava_core.llava import LlavaModel
+from llava_core.loader import load_pretrained
+from llava_core.processor import LlavaProcessor
+from llava_core.projector import PROJECTORS, build_projector
+from llava_core.testing import make_tiny_checkpoint
+
+# kind, config overrides -> tokens per image (16 patches, 4x4; vision 32-d, text 64-d)
+CASES = {
+    "linear": ("linear", {}, 16),
+    "mlp2x_gelu": ("mlp2x_gelu", {}, 16),
+    "mlp3x_gelu": ("mlp3x_gelu", {}, 16),
+    "mlp2x_gelu_full": ("mlp2x_gelu", dict(vision_feature_select_strategy="full"), 17),
+    "identity": ("identity", dict(vision_feature_layer=[-2, -3]), 16),  # 2 x 32-d = the 64-d text width
+    "avgpool2_mlp2x_gelu": ("avgpool2_mlp2x_gelu", {}, 4),
+    "avgpool4_mlp2x_gelu": ("avgpool4_mlp2x_gelu", {}, 1),
+    "cabstractor": ("cabstractor", {}, 4),
+    "cabstractor9": ("cabstractor9", dict(vision_feature_layer=[-1, -2]), 9),  # 4x4 -> 3x3
+    "ldp": ("ldp", {}, 4),
+    "resampler8": ("resampler8", {}, 8),
+    "resampler5_full": ("resampler5", dict(vision_feature_select_strategy="full"), 5),
+}
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A tiny transformers-written checkpoint: its tokenizer, processor files and config."""
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny64"), seed=0, image_seq_length=16,
+                                vision=dict(image_size=64, patch_size=16))
+
+
+def config(base, kind: str, **overrides) -> LlavaConfig:
+    cfg = LlavaConfig.from_json(base)
+    overrides.setdefault("image_seq_length", None)  # the base file's 16 is for mlp2x_gelu
+    return dataclasses.replace(cfg, projector=ProjectorConfig(kind=kind), **overrides)
+
+
+def random_model(cfg: LlavaConfig, seed: int = 0) -> LlavaModel:
+    torch.manual_seed(seed)
+    model = LlavaModel(cfg).eval()
+    with torch.no_grad():  # norms start at ones/zeros: make every tensor distinct
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return model
+
+
+def checkpoint(base, model: LlavaModel, folder):
+    """save_llava_hf, plus the base folder's tokenizer and processor files (strategy updated)."""
+    save_llava_hf(model, folder)
+    for f in base.iterdir():
+        if f.suffix != ".safetensors" and f.name not in ("config.json", "generation_config.json"):
+            shutil.copy(f, folder / f.name)
+    proc = json.loads((folder / "processor_config.json").read_text())
+    proc["vision_feature_select_strategy"] = model.cfg.vision_feature_select_strategy
+    (folder / "processor_config.json").write_text(json.dumps(proc))
+    return folder
+
+
+def image(seed: int = 0) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (80, 70, 3), dtype=np.uint8))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_output_shape_num_tokens_and_config_agree(base, case):
+    kind, overrides, tokens = CASES[case]
+    cfg = config(base, kind, **overrides)
+    proj = build_projector(cfg.projector, cfg.vision_feature_dim, cfg.text.hidden_size)
+    n = cfg.num_vision_tokens
+    x = torch.randn(2, n, cfg.vision_feature_dim)  # (B, N, Dv)
+    with torch.no_grad():
+        out = proj(x)
+    assert out.shape == (2, tokens, cfg.text.hidden_size)
+    assert proj.num_tokens(n) == projector_tokens(kind, n) == cfg.num_image_tokens == tokens
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_save_load_round_trip_and_processor(base, tmp_path, case):
+    kind, overrides, tokens = CASES[case]
+    model = random_model(config(base, kind, **overrides))
+    folder = checkpoint(base, model, tmp_path / "ckpt")
+    saved = json.loads((folder / "config.json").read_text())
+    assert saved.get("llava_core_projector", "mlp2x_gelu") == kind
+    assert saved["image_seq_length"] == tokens
+
+    loaded = load_pretrained(folder)
+    assert loaded.cfg.projector == model.cfg.projector and loaded.cfg.num_image_tokens == tokens
+    proc = LlavaProcessor.from_pretrained(folder)
+    enc = proc(text=proc.prompt("What is in the image?"), images=image())
+    assert int((enc["input_ids"] == proc.cfg.image_token_index).sum()) == tokens
+    with torch.no_grad():
+        want = model(enc["input_ids"], enc["pixel_values"], enc["attention_mask"])
+        got = loaded(enc["input_ids"], enc["pixel_values"], enc["attention_mask"])
+    assert torch.equal(got, want)
+
+
+def test_every_family_is_covered():
+    from llava_core.config import parse_projector
+    assert {parse_projector(kind)[0] for kind, _, _ in CASES.values()} == set(PROJECTORS)
+
+
+# --- errors that name the thing at fault -------------------------------------------------
+
+def test_identity_with_mismatched_widths(base):
+    with pytest.raises(ConfigError, match=r"identity.*32-d.*hidden_size is 64"):
+        config(base, "identity")
+    with pytest.raises(ConfigError, match=r"identity.*32-d.*64"):
+        build_projector(ProjectorConfig(kind="identity"), 32, 64)
+
+
+def test_grid_projectors_need_a_square_patch_count(base):
+    for kind in ("avgpool2_mlp2x_gelu", "cabstractor", "ldp"):
+        with pytest.raises(ConfigError, match=rf"{kind}.*N=15"):
+            projector_tokens(kind, 15)
+        proj = build_projector(ProjectorConfig(kind=kind), 32, 64)
+        with pytest.raises(ConfigError, match=r"N=15"):
+            proj(torch.randn(1, 15, 32))  # (B, N, Dv), N not a square
+        with pytest.raises(ConfigError, match=rf"{kind}.*CLS.*'full'"):
+            config(base, kind, vision_feature_select_strategy="full")  # 17 tokens: refused, CLS not dropped
+
+
+def test_grid_that_does_not_divide(base):
+    with pytest.raises(ConfigError, match=r"avgpool3_mlp2x_gelu.*4x4.*N=16.*divide by 3"):
+        config(base, "avgpool3_mlp2x_gelu")
+    with pytest.raises(ConfigError, match=r"'ldp'.*3x3.*N=9"):
+        projector_tokens("ldp", 9)
+    with pytest.raises(ConfigError, match=r"cabstractor25.*M=25.*4x4"):
+        config(base, "cabstractor25")
+
+
+def test_unknown_projector_lists_the_known_names(base, tmp_path):
+    with pytest.raises(ConfigError, match=r"'mlp2x_relu' is unknown; known: linear, mlpNx_gelu, identity, "
+                                          r"avgpoolK_mlp2x_gelu, cabstractor\[M\], ldp, resamplerQ"):
+        ProjectorConfig(kind="mlp2x_relu")
+    d = json.loads((base / "config.json").read_text())
+    d["llava_core_projector"] = "qformer"
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    with pytest.raises(ConfigError, match=rf"{tmp_path}.*'qformer' is unknown"):
+        LlavaConfig.from_json(tmp_path)
+
+
+def test_image_seq_length_cross_check_follows_the_projector(base):
+    assert config(base, "avgpool2_mlp2x_gelu", image_seq_length=4).num_image_tokens == 4
+    with pytest.raises(ConfigError, match=r"image_seq_length=16.*4 image tokens.*avgpool2_mlp2x_gelu"):
+        config(base, "avgpool2_mlp2x_gelu", image_seq_length=16)
+
+
+# The docstring table of projector.py: ViT-L/14-336 (1024-d, 576 patches) into a 4096-d decoder.
+VIT_L = {"linear": (576, 4_198_400), "mlp2x_gelu": (576, 20_979_712), "avgpool2_mlp2x_gelu": (144, 20_979_712),
+         "cabstractor": (144, 29_429_760), "cabstractor144": (144, 29_429_760), "ldp": (144, 54_640_640),
+         "resampler64": (64, 33_645_568)}
+
+
+@pytest.mark.parametrize("kind", list(VIT_L))
+def test_docstring_counts_for_vit_l(kind):
+    with torch.device("meta"):
+        proj = build_projector(ProjectorConfig(kind=kind), 1024, 4096)
+    assert (proj.num_tokens(576), sum(p.numel() for p in proj.parameters())) == VIT_L[kind]
