@@ -485,6 +485,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_caption(sub)
     add_eval(sub)
     add_export(sub)
+    from .probe_cli import add_commands as add_probes  # attention, lens
+    add_probes(sub)
     add_train(sub)
     return parser
 
