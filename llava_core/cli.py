@@ -488,6 +488,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .probe_cli import add_commands as add_probes  # attention, lens
     add_probes(sub)
     add_train(sub)
+    from .ablate import add_ablate_args  # ablate
+    add_ablate_args(sub)
     return parser
 
 

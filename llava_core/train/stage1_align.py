@@ -68,16 +68,27 @@ class AnswerStep(nn.Module):
 def match_embedding_scale(model, pixel_values: torch.Tensor) -> float:
     """Scale the projector's last linear layer so its outputs have the mean norm of the decoder's
     token embeddings. A fresh projector on a fresh tower emits vectors ~4x longer than SmolLM2's
-    embeddings, which drown the text tokens around them. Returns the factor applied."""
-    last = [m for m in model.projector.modules() if isinstance(m, nn.Linear)][-1]
-    out = model.projector(model.vision_tower(pixel_values.to(model.dtype)))  # (B, P, C)
+    embeddings, which drown the text tokens around them. Returns the factor applied: 1.0 when
+    the projector has no linear layer (identity) or when scaling its last one does not scale
+    the output (a conv block after it, as in ldp) - then the weights are left as they were."""
+    linears = [m for m in model.projector.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        return 1.0
+    last = linears[-1]
     emb = model.language_model.embed_tokens.weight
     norms = emb.norm(dim=-1)
     target = norms[norms > 0].mean()  # rows added for new tokens are zero
-    factor = float(target / out.norm(dim=-1).mean())
+    feats = model.vision_tower(pixel_values.to(model.dtype))  # (B, P, Dv)
+    before = model.projector(feats).norm(dim=-1).mean()  # of (B, M, C)
+    factor = float(target / before)
+    saved = {k: v.clone() for k, v in last.state_dict().items()}
     last.weight.mul_(factor)
     if last.bias is not None:
         last.bias.mul_(factor)
+    after = float(model.projector(feats).norm(dim=-1).mean())
+    if abs(after / float(target) - 1) > 0.2:
+        last.load_state_dict(saved)
+        return 1.0
     return factor
 
 
