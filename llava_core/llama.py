@@ -32,16 +32,19 @@ def cpu_has_fast_bf16() -> bool:
 
 
 class Linear(nn.Linear):
-    """nn.Linear (same weights, same names), except that a bf16 matrix product over many tokens
-    on a CPU without native bf16 runs in fp32: the same products, rounded to bf16 once at the
-    end, about 6x faster for a prefill. Single-token decode stays in bf16, where reading the
-    weights, not arithmetic, sets the pace."""
+    """nn.Linear (same weights, same names), except for bf16 on a CPU without native bf16:
+    a product over many tokens runs in fp32 (the same products, rounded to bf16 once at the
+    end, about 6x faster for a prefill), and a few-token one (decode) goes through
+    cpu_gemv's AVX2 kernel, which streams the bf16 weights at memory speed."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.shape[:-1].numel() >= 16
-                and not cpu_has_fast_bf16()):
-            bias = None if self.bias is None else self.bias.float()
-            return F.linear(x.float(), self.weight.float(), bias).to(x.dtype)
+        if x.dtype == torch.bfloat16 and x.device.type == "cpu" and not cpu_has_fast_bf16():
+            if x.shape[:-1].numel() >= 16:
+                bias = None if self.bias is None else self.bias.float()
+                return F.linear(x.float(), self.weight.float(), bias).to(x.dtype)
+            from . import cpu_gemv
+            if cpu_gemv.available() and self.weight.dtype == torch.bfloat16 and not torch.is_grad_enabled():
+                return cpu_gemv.linear(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
 

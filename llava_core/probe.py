@@ -286,7 +286,10 @@ def image_attention(model: LlavaModel, processor, image, question: str, *,
     per_token = w.mean(dim=(0, 1, 2))  # (M,)
     if model.vision_tower.keep_cls:
         per_token = per_token[1:]  # the "full" strategy's CLS has no place in the grid
-    grid = model.cfg.vision.image_size // model.cfg.vision.patch_size
+    grid = math.isqrt(per_token.numel())  # patches, or a pooled grid (avgpool, cabstractor, ldp)
+    if grid * grid != per_token.numel():
+        raise ValueError(f"projector {model.cfg.projector.kind!r} emits {per_token.numel()} tokens per image, "
+                         "not a square grid: its tokens have no place on the image (e.g. a resampler's queries)")
     attn_map = per_token.reshape(grid, grid).cpu()  # (grid_h, grid_w), row-major as the patches
     return ImageAttention(attn_map, run.answer, run.answer_ids, cap.attention_layers,
                           image_box(processor, image.size))

@@ -337,3 +337,22 @@ def test_probe_commands_bad_input_is_one_line(tiny_ckpt, image, tmp_path, args, 
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], r.stderr
     assert not (tmp_path / "map.png").exists()
+
+
+def test_image_attention_map_follows_a_pooling_projector(tiny_ckpt):
+    """A token-reducing projector's grid (2x2 average pooling) gives a map a quarter the size;
+    a resampler's tokens have no grid and are refused with a message naming the projector."""
+    from llava_core.ablate import processor_for, with_projector
+
+    base = load_pretrained(tiny_ckpt)
+    grid = base.cfg.vision.image_size // base.cfg.vision.patch_size
+    img = Image.new("RGB", (90, 70), "red")
+    pooled = with_projector(base, "avgpool2_mlp2x_gelu", seed=0)
+    att = image_attention(pooled, processor_for(LlavaProcessor.from_pretrained(tiny_ckpt), pooled.cfg), img,
+                          "colour?", max_new_tokens=2)
+    assert att.map.shape == (grid // 2, grid // 2)
+    assert 0 < float(att.map.sum()) <= 1 + 1e-5  # the image keys get a share of each row, at most all
+    resampled = with_projector(base, "resampler3", seed=0)
+    with pytest.raises(ValueError, match="resampler3"):
+        image_attention(resampled, processor_for(LlavaProcessor.from_pretrained(tiny_ckpt), resampled.cfg), img,
+                        "colour?", max_new_tokens=2)

