@@ -32,3 +32,28 @@ def __getattr__(name):
         import importlib
         return getattr(importlib.import_module(f".{_PUBLIC[name]}", __name__), name)
     raise AttributeError(f"module 'llava_core' has no attribute {name!r}")
+
+
+def _keep_generate_public() -> None:
+    """`llava_core.generate` is the function (assistant.generate), as documented, although a
+    submodule has the same name: importing a submodule sets it as an attribute of its package,
+    which would replace the function by the module. This property reads the function and lets
+    that attribute write go; `from llava_core.generate import ...` still finds the module in
+    sys.modules."""
+    import sys
+    import types
+
+    class _Package(types.ModuleType):
+        @property
+        def generate(self):
+            from .assistant import generate
+            return generate
+
+        @generate.setter
+        def generate(self, value):
+            pass
+
+    sys.modules[__name__].__class__ = _Package
+
+
+_keep_generate_public()

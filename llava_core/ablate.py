@@ -1,8 +1,11 @@
 """Projector ablations: one projector kind per run on the same frozen tower and decoder, each
 scored per question type on the same synthetic test questions.
 
-    llava-core ablate default --projectors linear,mlp2x_gelu,avgpool2_mlp2x_gelu --seeds 3 \\
+    llava-core ablate default --projectors linear,mlp2x_gelu,cabstractor,resampler16 --seeds 3 \\
         --out runs/ablation --budget-minutes 90 [--stage2] [--resume]
+
+(The default model's tower gives a 7x7 patch grid: projectors that halve the grid, avgpool2_*
+and ldp, need an even side and are refused there; cabstractor pools adaptively to 3x3.)
 
 For each (projector, seed) the runner builds the model with a fresh projector of that kind
 (its image-token count follows the projector), trains it as stage 1 of the recipe does
@@ -273,7 +276,6 @@ def plot(rows: list[dict], path: Path, size=(760, 480)) -> None:
     img = Image.new("RGB", size, "white")
     d = ImageDraw.Draw(img)
     d.text((left, 12), "projector ablation: accuracy vs visual tokens per image", fill="black")
-    d.rectangle((left, top, W - right, H - bottom), outline="black")
     if summary:
         xs = [math.log2(max(1.0, s["tokens_per_image"][0])) for s in summary]
         x0, x1 = min(xs) - 0.5, max(xs) + 0.5
@@ -293,6 +295,7 @@ def plot(rows: list[dict], path: Path, size=(760, 480)) -> None:
             d.line((gx, H - bottom, gx, H - bottom + 4), fill="black")
             d.text((gx - 8, H - bottom + 8), str(2 ** t), fill="black")
         d.text((W // 2 - 60, H - 20), "visual tokens per image (log scale)", fill="black")
+        d.rectangle((left, top, W - right, H - bottom), outline="black")
         for s, x, y in zip(summary, xs, ys):
             cx, cy = px(x, y)
             sd = 100 * s["acc_overall"][1]
@@ -301,6 +304,8 @@ def plot(rows: list[dict], path: Path, size=(760, 480)) -> None:
             d.line((cx, ylo, cx, yhi), fill=(120, 120, 120), width=2)
             d.ellipse((cx - 5, cy - 5, cx + 5, cy + 5), fill=(30, 70, 220))
             d.text((cx + 8, cy - 14), s["projector"], fill="black")
+    if not summary:
+        d.rectangle((left, top, W - right, H - bottom), outline="black")
     with atomic_path(path) as tmp:
         img.save(tmp, format="PNG")
 
