@@ -32,7 +32,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from .config import ConfigError, LlavaConfig, ProjectorConfig, TextConfig, VisionConfig
 from .export import atomic_folder, hub_state_dict, llava_hf_config, write_json, write_llava_hf, write_safetensors

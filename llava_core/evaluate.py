@@ -24,7 +24,7 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from .atomic import atomic_write_text
 from .generate import SamplingParams, generate_tokens

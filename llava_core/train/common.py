@@ -240,7 +240,7 @@ def train_loop(name: str, out_dir: str | Path, cfg: LoopConfig, step_fn: Callabl
 
     bar = None
     if cfg.progress and dist.main:
-        from tqdm.auto import tqdm
+        from tqdm import tqdm
         bar = tqdm(total=total, initial=start, desc=name, dynamic_ncols=True, leave=True)
     t0 = time.perf_counter()
     window_t, window_n = t0, 0
