@@ -15,6 +15,7 @@ import torch.nn as nn
 from open_clip.transformer import LayerNorm, QuickGELU, VisionTransformer
 
 from .config import VisionConfig
+from .llama import Linear
 
 
 class VisionTower(nn.Module):
@@ -35,6 +36,9 @@ class VisionTower(nn.Module):
         )
         assert self.visual.transformer.resblocks[0].mlp.c_fc.out_features == cfg.intermediate_size
         self.visual.proj = None  # CLIPVisionModel has no output projection; LLaVA never uses it
+        for block in self.visual.transformer.resblocks:  # the MLP's two thirds of the FLOPs: bf16
+            for lin in (block.mlp.c_fc, block.mlp.c_proj):  # products in fp32 on CPUs without bf16
+                lin.__class__ = Linear  # same parameters and names (llama.Linear is an nn.Linear)
         self.feature_layers = feature_layers
         self.block_indices = [self.block_index(layer) for layer in feature_layers]
 
