@@ -93,12 +93,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("gemv", &gemv); }
 """
 
 
-def _cpu_flags() -> str:
+@functools.cache
+def cpu_flags() -> str | None:
+    """/proc/cpuinfo's text (the CPU's feature flags), or None off Linux."""
     try:
         with open("/proc/cpuinfo") as f:
             return f.read()
     except OSError:
-        return ""
+        return None
 
 
 @functools.cache
@@ -106,8 +108,8 @@ def _module():
     """The compiled extension, or None (disabled, not an AVX2+FMA x86 CPU, or no compiler)."""
     if os.environ.get("LLAVA_CORE_CPU_GEMV", "1") == "0":
         return None
-    flags = _cpu_flags()
-    if " avx2" not in flags or " fma" not in flags:
+    flags = cpu_flags()
+    if flags is None or " avx2" not in flags or " fma" not in flags:
         return None
     try:
         from torch.utils.cpp_extension import load_inline
@@ -127,7 +129,7 @@ def available() -> bool:
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear for bf16 x (..., K) with few rows and bf16 weight (N, K) -> bf16 (..., N)."""
     rows = x.reshape(-1, x.shape[-1]).float().contiguous()  # (M, K) fp32
-    y = _module().gemv(rows, weight if weight.is_contiguous() else weight.contiguous())  # (M, N) fp32
+    y = _module().gemv(rows, weight.contiguous())  # (M, N) fp32; contiguous() is a no-op when it is
     if bias is not None:
         y = y + bias.float()
     return y.to(torch.bfloat16).reshape(*x.shape[:-1], weight.shape[0])

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import cpu_gemv
 from .config import TextConfig
 from .kv_cache import KVCache
 
@@ -23,12 +24,16 @@ from .kv_cache import KVCache
 def cpu_has_fast_bf16() -> bool:
     """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX). Without it (AVX2 machines),
     torch's bf16 matmul ran at 19 GFLOP/s here against 118 for fp32."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
+    flags = cpu_gemv.cpu_flags()
+    if flags is None:
         return True  # not Linux: assume the vendor library is fast
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def slow_bf16(x: torch.Tensor) -> bool:
+    """Whether x is bf16 on a CPU that cannot multiply bf16 natively: there llava_core computes
+    in fp32 (many-token products, attention) or through cpu_gemv (decode's products)."""
+    return x.dtype == torch.bfloat16 and x.device.type == "cpu" and not cpu_has_fast_bf16()
 
 
 class Linear(nn.Linear):
@@ -38,11 +43,10 @@ class Linear(nn.Linear):
     cpu_gemv's AVX2 kernel, which streams the bf16 weights at memory speed."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.bfloat16 and x.device.type == "cpu" and not cpu_has_fast_bf16():
+        if slow_bf16(x):
             if x.shape[:-1].numel() >= 16:
                 bias = None if self.bias is None else self.bias.float()
                 return F.linear(x.float(), self.weight.float(), bias).to(x.dtype)
-            from . import cpu_gemv
             if cpu_gemv.available() and self.weight.dtype == torch.bfloat16 and not torch.is_grad_enabled():
                 return cpu_gemv.linear(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
@@ -123,7 +127,7 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, Hkv, S, D), S = cached + T
         dtype = q.dtype
-        if dtype == torch.bfloat16 and q.device.type == "cpu" and not cpu_has_fast_bf16():
+        if slow_bf16(q):
             q, k, v = q.float(), k.float(), v.float()  # torch's bf16 attention took 2.4 ms per layer
             # for one query over 620 keys on an AVX2 CPU; in fp32 it is a small fraction of that
         # mask None: plain causal with no padding and no cached prefix
