@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import cpu_gemv
+from . import cpu_kernels
 from .config import TextConfig
 from .kv_cache import KVCache
 
@@ -24,7 +24,7 @@ from .kv_cache import KVCache
 def cpu_has_fast_bf16() -> bool:
     """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX). Without it (AVX2 machines),
     torch's bf16 matmul ran at 19 GFLOP/s here against 118 for fp32."""
-    flags = cpu_gemv.cpu_flags()
+    flags = cpu_kernels.cpu_flags()
     if flags is None:
         return True  # not Linux: assume the vendor library is fast
     return "avx512_bf16" in flags or "amx_bf16" in flags
@@ -32,7 +32,7 @@ def cpu_has_fast_bf16() -> bool:
 
 def slow_bf16(x: torch.Tensor) -> bool:
     """Whether x is bf16 on a CPU that cannot multiply bf16 natively: there llava_core computes
-    in fp32 (many-token products, attention) or through cpu_gemv (decode's products)."""
+    in fp32 (many-token products, attention) or through cpu_kernels (decode's products)."""
     return x.dtype == torch.bfloat16 and x.device.type == "cpu" and not cpu_has_fast_bf16()
 
 
@@ -40,15 +40,15 @@ class Linear(nn.Linear):
     """nn.Linear (same weights, same names), except for bf16 on a CPU without native bf16:
     a product over many tokens runs in fp32 (the same products, rounded to bf16 once at the
     end, about 6x faster for a prefill), and a few-token one (decode) goes through
-    cpu_gemv's AVX2 kernel, which streams the bf16 weights at memory speed."""
+    cpu_kernels' AVX2 kernel, which streams the bf16 weights at memory speed."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if slow_bf16(x):
             if x.shape[:-1].numel() >= 16:
                 bias = None if self.bias is None else self.bias.float()
                 return F.linear(x.float(), self.weight.float(), bias).to(x.dtype)
-            if cpu_gemv.available() and self.weight.dtype == torch.bfloat16 and not torch.is_grad_enabled():
-                return cpu_gemv.linear(x, self.weight, self.bias)
+            if cpu_kernels.available() and self.weight.dtype == torch.bfloat16 and not torch.is_grad_enabled():
+                return cpu_kernels.linear(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
 
@@ -158,7 +158,16 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
+    def plain(self) -> bool:
+        """No adapters (LoRA replaces the projections) and no hooks (probes) inside this block."""
+        parts = (self.input_layernorm, self.self_attn, *self.self_attn.children(),
+                 self.post_attention_layernorm, self.mlp, *self.mlp.children())
+        return all(type(m) in (RMSNorm, Attention, MLP, Linear) and not (m._forward_hooks or m._forward_pre_hooks)
+                   for m in parts)
+
     def forward(self, x, cos, sin, mask, cache):
+        if cpu_kernels.use_block_step(x, mask, cache) and self.plain():
+            return cpu_kernels.block_step(self, x, cos, sin, cache)  # decode on a CPU: the same sums, 7 calls
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 

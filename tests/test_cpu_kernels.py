@@ -1,0 +1,142 @@
+"""The AVX2 decode kernels (matrix-vector products, RMSNorm, rotary + cache + attention) against torch, and their use by llama.py."""
+
+import pytest
+import torch
+
+from llava_core import cpu_kernels, llama
+
+pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="no AVX2/FMA CPU or no compiler")
+
+
+@pytest.mark.parametrize("shape", [(1, 2048, 5632), (3, 2051, 1027), (2, 7, 5), (1, 16, 4)])
+def test_matches_fp32_reference_to_bf16_rounding(shape):
+    M, K, N = shape
+    g = torch.Generator().manual_seed(K + N)
+    x = torch.randn(M, K, generator=g).bfloat16()
+    w = torch.randn(N, K, generator=g).bfloat16()
+    b = torch.randn(N, generator=g).bfloat16()
+    ref = torch.nn.functional.linear(x.float(), w.float(), b.float())  # exact products, fp32 sums
+    got = cpu_kernels.linear(x, w, b)
+    assert got.dtype == torch.bfloat16 and got.shape == (M, N)
+    # one rounding to bf16 (8 significant bits): within one ulp of the fp32 result, plus fp32
+    # summation-order noise
+    ulp = ref.abs().clamp(min=1e-3) * 2.0 ** -7
+    assert ((got.float() - ref).abs() <= ulp + 1e-3 * K ** 0.5).all()
+
+
+def test_linear_uses_it_for_bf16_decode_only(monkeypatch):
+    if llama.cpu_has_fast_bf16():
+        pytest.skip("this CPU multiplies bf16 natively; torch's kernel is used")
+    calls = []
+    real = cpu_kernels.linear
+    monkeypatch.setattr(cpu_kernels, "linear", lambda *a: calls.append(a[0].shape) or real(*a))
+    lin = llama.Linear(64, 32, bias=False).bfloat16()
+    x = torch.randn(1, 1, 64).bfloat16()
+    with torch.inference_mode():
+        y = lin(x)  # one token: the kernel
+        lin(torch.randn(1, 20, 64).bfloat16())  # a prefill: fp32 products instead
+    assert calls == [(1, 1, 64)]
+    assert y.shape == (1, 1, 32)
+    lin(x)  # with autograd on (training), torch's path
+    assert len(calls) == 1
+
+
+# --- the decode-step kernels: gemv over several weights, rmsnorm, rope + cache + attention ------
+
+def _rand(g, *shape, dtype=torch.float32):
+    return torch.randn(*shape, generator=g).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gemv_of_several_weights_and_swiglu_match_torch(dtype):
+    g = torch.Generator().manual_seed(1)
+    x = _rand(g, 3, 75, dtype=dtype)  # K = 75: not a multiple of the 16-wide inner loop
+    ws = [_rand(g, n, 75, dtype=dtype) for n in (13, 6, 6)]  # rows not a multiple of 4 either
+    m = cpu_kernels._module()
+    outs = m.gemv(x, ws, False)
+    for w, y in zip(ws, outs):
+        ref = torch.nn.functional.linear(x.float(), w.float())  # exact products, fp32 sums
+        assert y.dtype == dtype and y.shape == ref.shape
+        tol = 1e-5 if dtype == torch.float32 else 2.0 ** -7  # fp32 order noise; one bf16 rounding
+        assert ((y.float() - ref).abs() <= tol * ref.abs().clamp(min=1) * 75 ** 0.5).all()
+    gate, up = _rand(g, 10, 75, dtype=dtype), _rand(g, 10, 75, dtype=dtype)
+    (y,) = m.gemv(x, [gate, up], True)
+    ref = torch.nn.functional.silu(torch.nn.functional.linear(x, gate)) * torch.nn.functional.linear(x, up)
+    assert y.shape == (3, 10) and torch.allclose(y.float(), ref.float(), rtol=2.0 ** -6, atol=1e-3)
+    with pytest.raises(RuntimeError, match=r"\(N, 75\)"):
+        m.gemv(x, [_rand(g, 4, 74, dtype=dtype)], False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rmsnorm_matches_the_module(dtype):
+    g = torch.Generator().manual_seed(2)
+    norm = llama.RMSNorm(96, 1e-5).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(_rand(g, 96, dtype=dtype))
+    x = _rand(g, 4, 96, dtype=dtype) * 3
+    ref = norm(x)
+    got = cpu_kernels._module().rmsnorm(x, norm.weight.detach(), norm.eps)
+    ulp = 1e-6 if dtype == torch.float32 else 2.0 ** -7  # relative: fp32 order noise, or one bf16 step
+    assert ((got.float() - ref.float()).abs() <= ulp * ref.float().abs().clamp(min=1e-2)).all()
+
+
+def _decoder(dtype, seed=0):
+    from llava_core.config import TextConfig
+    cfg = TextConfig(vocab_size=300, hidden_size=128, intermediate_size=344, num_hidden_layers=3,
+                     num_attention_heads=8, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+                     rms_norm_eps=1e-5, rope_theta=10000.0, rope_scaling=None, tie_word_embeddings=False,
+                     bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(seed)
+    dec = llama.LlamaDecoder(cfg).to(dtype).eval()
+    with torch.no_grad():  # weights large enough that a wrong sum shows
+        for p in dec.parameters():
+            p.normal_(0.0, 0.1) if p.dim() > 1 else p.normal_(1.0, 0.1)
+    return dec
+
+
+def _decode(dec, dtype, steps, kernels: bool, monkeypatch):
+    from llava_core.kv_cache import KVCache
+    with monkeypatch.context() as mp:
+        if not kernels:
+            mp.setattr(cpu_kernels, "use_block_step", lambda *a: False)
+        g = torch.Generator().manual_seed(3)
+        prompt, new = _rand(g, 2, 12, 128, dtype=dtype), _rand(g, 2, steps, 1, 128, dtype=dtype)
+        cache = KVCache.for_model(dec.cfg, 2, 64, dtype, "cpu")
+        with torch.inference_mode():
+            out = [dec(prompt, cache=cache)[:, -1]]
+            out += [dec(new[:, t], cache=cache)[:, -1] for t in range(steps)]
+        n = cache.length
+        return torch.stack(out).float(), cache.k[..., :n, :].float(), cache.v[..., :n, :].float()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_block_step_equals_the_torch_path(dtype, monkeypatch):
+    """Five decode steps of a 3-layer GQA decoder (batch 2): hidden states and the cache written by
+    the kernels against llama.Block's torch operations. fp32: 1e-5; bf16: two bf16 steps (2^-6)
+    of the largest value, since roundings may land on either side."""
+    dec = _decoder(dtype)
+    fast = _decode(dec, dtype, 5, True, monkeypatch)
+    plain = _decode(dec, dtype, 5, False, monkeypatch)
+    for a, b in zip(fast, plain):
+        tol = 1e-5 if dtype == torch.float32 else 2.0 ** -6
+        assert (a - b).abs().max() <= tol * b.abs().max()
+
+
+def test_block_step_runs_for_decode_only_and_steps_aside_for_hooks(monkeypatch):
+    dec = _decoder(torch.float32)
+    calls = []
+    real = cpu_kernels.block_step
+    monkeypatch.setattr(cpu_kernels, "block_step", lambda *a: calls.append(1) or real(*a))
+    _decode(dec, torch.float32, 2, True, monkeypatch)  # prefill: torch; two decode steps: kernels
+    assert len(calls) == 2 * dec.cfg.num_hidden_layers
+    handle = dec.layers[1].self_attn.q_proj.register_forward_hook(lambda *a: None)  # a probe
+    calls.clear()
+    _decode(dec, torch.float32, 2, True, monkeypatch)
+    handle.remove()
+    assert len(calls) == 2 * (dec.cfg.num_hidden_layers - 1)  # the hooked block ran torch's path
+    with torch.enable_grad():  # training: always torch's path
+        calls.clear()
+        from llava_core.kv_cache import KVCache
+        cache = KVCache.for_model(dec.cfg, 1, 8, torch.float32, "cpu")
+        dec(torch.randn(1, 1, 128), cache=cache)
+        assert calls == []
