@@ -34,7 +34,7 @@ def main():
     from llava_core import cpu_kernels
 
     if not cpu_kernels.available():
-        print("the AVX2 kernel is not available here (no AVX2/FMA, no compiler, or LLAVA_CORE_CPU_GEMV=0)")
+        print("the AVX2 kernel is not available here (no AVX2/FMA, no compiler, or LLAVA_CORE_CPU_KERNELS=0)")
     print(f"{args.threads} threads; GB/s of weight bytes read (fp32 columns count fp32 bytes)")
     for n, k in SHAPES:
         w, x = torch.randn(n, k).bfloat16(), torch.randn(1, k).bfloat16()
@@ -44,7 +44,7 @@ def main():
                "torch fp32": 2 * gb / seconds(lambda: F.linear(xf, wf))}
         if cpu_kernels.available():
             row["ours"] = gb / seconds(lambda: cpu_kernels.linear(x, w))
-            row["ours, kernel alone"] = gb / seconds(lambda: cpu_kernels._module().gemv(xf, [w], False)[0])
+            row["ours, kernel alone"] = gb / seconds(lambda: cpu_kernels._module().gemv(xf, [w], [], False)[0])
         ones = torch.ones(n * k // 2)  # the same bytes as the bf16 matrix
         row["fp32 sum"] = gb / seconds(lambda: ones.sum())
         print(f"{n:>6} x {k:<5} ({gb * 1e3:6.1f} MB): " + ", ".join(f"{a} {b:.1f}" for a, b in row.items()))

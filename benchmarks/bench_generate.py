@@ -88,12 +88,12 @@ def sync(device: str):
 
 
 def decoder_bytes(model) -> int:
-    """Weight bytes one decode step reads: every decoder matrix, the norms and the lm_head."""
+    """Weight bytes one decode step reads: every decoder matrix (int8 ones with their scales), the
+    norms and the lm_head (tied to the embedding or not); not the embedding table."""
     lm = model.language_model
-    n = sum(p.numel() * p.element_size() for name, p in lm.named_parameters() if "embed_tokens" not in name)
-    if lm.cfg.tie_word_embeddings:
-        n += lm.lm_head.weight.numel() * lm.lm_head.weight.element_size()
-    return n
+    named = [*lm.named_parameters(remove_duplicate=False), *lm.named_buffers()]
+    seen = {id(t): t for name, t in named if not name.startswith(("embed_tokens.", "rotary."))}
+    return sum(t.numel() * t.element_size() for t in seen.values())
 
 
 def prompt(processor, n_question_tokens: int = 32):
@@ -206,6 +206,7 @@ def main(argv=None):
     ap.add_argument("--new-tokens", type=int, default=33)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--int8", action="store_true", help="llava_core with weight-only int8 (transformers as --dtype)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
@@ -229,6 +230,10 @@ def main(argv=None):
           f"torch {torch.__version__}", flush=True)
 
     model = load_pretrained(folder, dtype=dtype, device=args.device)
+    if args.int8:
+        from llava_core.llama import quantize_int8
+        quantize_int8(model.language_model)
+        print("llava_core runs with weight-only int8 decoder projections and lm_head (--int8)")
     ttft, tps, n_prompt = time_ours(model, processor, question, image, args.new_tokens, args.device, args.repeats)
     bw = read_bandwidth(args.device)
     weight_bytes = decoder_bytes(model)

@@ -22,6 +22,7 @@ _PUBLIC = {
     "generate": "assistant",
     "stream": "assistant",
     "ChatSession": "chat",
+    "quantize_int8": "llama",
 }
 
 __all__ = sorted(_PUBLIC)

@@ -139,6 +139,8 @@ def _add_model_args(p, image: str | None = "image") -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     p.add_argument("--template", choices=("checkpoint", "llava15", "vicuna_v1"), default=None,
                    help="chat format (default: the checkpoint's own, else llava15)")
+    p.add_argument("--int8", action="store_true",
+                   help="weight-only int8 decoder (faster CPU decode, small accuracy cost; inference only)")
 
 
 def _add_sampling_args(p, max_new_tokens: int = 256) -> None:
@@ -186,7 +188,11 @@ def _load(args):
     from .processor import LlavaProcessor
 
     processor = LlavaProcessor.from_pretrained(folder, template=args.template)
-    return load_pretrained(folder, dtype=_torch_dtype(args.dtype), device=device), processor
+    model = load_pretrained(folder, dtype=_torch_dtype(args.dtype), device=device)
+    if getattr(args, "int8", False):
+        from .llama import quantize_int8
+        quantize_int8(model.language_model)
+    return model, processor
 
 
 def _resolve(name: str) -> Path:

@@ -10,14 +10,15 @@ table there, on this project's AVX2 machine:
   fork/join. For a 135M-parameter decoder that overhead is most of the step.
 
 The kernels below:
-- `gemv(x, [w1, w2, ...], swiglu)`: x (M, K) times several weights (N_i, K) in one pass over
+- `gemv(x, [w1, w2, ...], scales, swiglu)`: x (M, K) times several weights (N_i, K) in one pass over
   their rows (q, k and v together; gate and up together, then silu(gate) * up). bf16 weights
   are widened to fp32 in registers (bf16 is the top half of an fp32: a 16-bit shift) and
-  accumulated with FMA in fp32, four rows at a time, rows split over threads.
+  accumulated with FMA in fp32, four rows at a time, rows split over threads. int8 weights
+  (llama.Int8Linear, optional) carry one fp32 scale per row.
 - `rmsnorm(x, w, eps)`: the decoder's RMSNorm, the same roundings as llama.RMSNorm.
-- `rope_attend(q, k, v, cos, sin, k_cache, v_cache, slot, scale)`: rotary on q and k, the new
-  key/value written into the cache at `slot`, and one query's grouped-query attention over
-  slots 0..slot, in fp32.
+- `rope_attend(q, k, v, cos, sin, k_cache, v_cache, slot, scale, mask)`: rotary on q and k, the
+  new key/value written into the cache at `slot`, and one query's grouped-query attention over
+  slots 0..slot (those the mask allows, for left-padded batches), in fp32.
 `block_step` strings them into llama.Block's forward for a decode step with no padding: 7
 calls instead of ~30 operations. The arithmetic is the same (fp32 accumulation, one rounding
 where torch rounds); only summation order differs (tests/test_cpu_kernels.py checks both
@@ -37,6 +38,8 @@ import os
 from pathlib import Path
 
 import torch
+
+from .kv_cache import KVCache
 
 log = logging.getLogger(__name__)
 _NAME = "llava_core_cpu"  # the build folder under ~/.cache/torch_extensions
@@ -60,6 +63,7 @@ static inline __m256 load8(const bf16* p) {  // 8 bf16 -> 8 fp32: widen to 32 bi
   return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
 }
 static inline float load1(const float* p) { return *p; }
+static inline float load1(const int8_t* p) { return static_cast<float>(*p); }
 static inline float load1(const bf16* p) { return static_cast<float>(*p); }
 static inline void store1(float* p, float v) { *p = v; }
 static inline void store1(bf16* p, float v) { *p = bf16(v); }  // round to nearest even, as torch
@@ -96,6 +100,12 @@ static inline void load16(const bf16* p, __m256& a, __m256& b) {
   const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), z = _mm256_setzero_si256();
   a = _mm256_castsi256_ps(_mm256_unpacklo_epi16(z, v));  // elements 0-3, 8-11
   b = _mm256_castsi256_ps(_mm256_unpackhi_epi16(z, v));  // elements 4-7, 12-15
+}
+
+static inline void load16(const int8_t* p, __m256& a, __m256& b) {  // int8 weights: sign-extend, convert
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  a = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
+  b = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v, 8)));
 }
 
 template <typename W>
@@ -157,7 +167,7 @@ static inline float silu(float g) { return g / (1.0f + std::exp(-g)); }
 // (gate, up) of the same shape -> one output silu(gate x) * (up x), rounded as torch rounds.
 template <typename W, typename O>
 static void gemv_impl(const std::vector<float>& xf, int64_t M, int64_t K, const std::vector<torch::Tensor>& ws,
-                      std::vector<torch::Tensor>& outs, bool swiglu) {
+                      const std::vector<torch::Tensor>& scales, std::vector<torch::Tensor>& outs, bool swiglu) {
   // the rows of all weights, in blocks of four, as one range to split over threads
   std::vector<int64_t> first_block(ws.size() + 1, 0);
   const size_t n_parts = swiglu ? 1 : ws.size();
@@ -166,19 +176,27 @@ static void gemv_impl(const std::vector<float>& xf, int64_t M, int64_t K, const 
   const int64_t bytes_per_block = 4 * K * (int64_t)sizeof(W) * (swiglu ? 2 : 1);
   const int64_t grain = std::max<int64_t>(1, kParallelBytes / bytes_per_block);
   const std::vector<float> xk = x_for<W>(xf, M, K);
+  std::vector<const W*> wp;
+  std::vector<O*> op;
+  for (auto& w : ws) wp.push_back(w.data_ptr<W>());
+  for (auto& o : outs) op.push_back(o.data_ptr<O>());
+  std::vector<const float*> sp;  // int8 weights: one fp32 scale per row
+  for (auto& sc : scales) sp.push_back(sc.data_ptr<float>());
   at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
     size_t i = 0;
     for (int64_t blk = b0; blk < b1; ++blk) {
       while (blk >= first_block[i + 1]) ++i;
       const int64_t N = ws[i].size(0), n0 = (blk - first_block[i]) * 4, rows = std::min<int64_t>(4, N - n0);
-      const W* w = ws[i].data_ptr<W>() + n0 * K;
-      O* out = outs[i].data_ptr<O>();
+      const W* w = wp[i] + n0 * K;
+      O* out = op[i];
       for (int64_t m = 0; m < M; ++m) {
         const float *x = xf.data() + m * K, *xr = xk.data() + m * K;
         float s[4], u[4];
         dot_block(xr, x, w, K, rows, s);
+        if (!sp.empty()) for (int r = 0; r < rows; ++r) s[r] *= sp[i][n0 + r];
         if (swiglu) {
-          dot_block(xr, x, ws[1].data_ptr<W>() + n0 * K, K, rows, u);
+          dot_block(xr, x, wp[1] + n0 * K, K, rows, u);
+          if (!sp.empty()) for (int r = 0; r < rows; ++r) u[r] *= sp[1][n0 + r];
           for (int r = 0; r < rows; ++r) {
             const float g = round_as<O>(s[r]);
             s[r] = round_as<O>(silu(g)) * round_as<O>(u[r]);
@@ -190,13 +208,20 @@ static void gemv_impl(const std::vector<float>& xf, int64_t M, int64_t K, const 
   });
 }
 
-std::vector<torch::Tensor> gemv(torch::Tensor x, std::vector<torch::Tensor> ws, bool swiglu) {
+// scales: empty for fp32/bf16 weights; for int8 weights one fp32 (N_i,) per weight (w = q * scale per row)
+std::vector<torch::Tensor> gemv(torch::Tensor x, std::vector<torch::Tensor> ws, std::vector<torch::Tensor> scales,
+                                bool swiglu) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "gemv: x must be a contiguous (M, K) matrix, got ", x.sizes());
   TORCH_CHECK(x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kBFloat16, "gemv: x must be fp32 or bf16");
   TORCH_CHECK(!ws.empty() && (!swiglu || ws.size() == 2), "gemv: swiglu takes exactly (gate, up)");
   const int64_t M = x.size(0), K = x.size(1);
   const auto wt = ws[0].scalar_type();
-  TORCH_CHECK(wt == torch::kFloat32 || wt == torch::kBFloat16, "gemv: weights must be fp32 or bf16");
+  TORCH_CHECK(wt == torch::kFloat32 || wt == torch::kBFloat16 || wt == torch::kChar, "gemv: weights must be fp32, bf16 or int8");
+  TORCH_CHECK((wt == torch::kChar) == !scales.empty() && (scales.empty() || scales.size() == ws.size()),
+              "gemv: int8 weights take one scale vector each; others none");
+  for (size_t i = 0; i < scales.size(); ++i)
+    TORCH_CHECK(scales[i].dim() == 1 && scales[i].size(0) == ws[i].size(0) && scales[i].is_contiguous()
+                && scales[i].scalar_type() == torch::kFloat32, "gemv: scale ", i, " must be fp32 (", ws[i].size(0), ",)");
   for (auto& w : ws) {
     TORCH_CHECK(w.dim() == 2 && w.size(1) == K && w.is_contiguous() && w.scalar_type() == wt,
                 "gemv: weights must be contiguous (N, ", K, ") matrices of one dtype, got ", w.sizes());
@@ -205,11 +230,17 @@ std::vector<torch::Tensor> gemv(torch::Tensor x, std::vector<torch::Tensor> ws, 
   std::vector<torch::Tensor> outs;
   for (size_t i = 0; i < (swiglu ? 1 : ws.size()); ++i) outs.push_back(torch::empty({M, ws[i].size(0)}, x.options()));
   const std::vector<float> xf = rows_fp32(x);
-  const bool xb = x.scalar_type() == torch::kBFloat16, wb = wt == torch::kBFloat16;
-  if (wb && xb) gemv_impl<bf16, bf16>(xf, M, K, ws, outs, swiglu);
-  else if (wb) gemv_impl<bf16, float>(xf, M, K, ws, outs, swiglu);
-  else if (xb) gemv_impl<float, bf16>(xf, M, K, ws, outs, swiglu);
-  else gemv_impl<float, float>(xf, M, K, ws, outs, swiglu);
+  const bool xb = x.scalar_type() == torch::kBFloat16;
+  if (wt == torch::kBFloat16) {
+    if (xb) gemv_impl<bf16, bf16>(xf, M, K, ws, scales, outs, swiglu);
+    else gemv_impl<bf16, float>(xf, M, K, ws, scales, outs, swiglu);
+  } else if (wt == torch::kChar) {
+    if (xb) gemv_impl<int8_t, bf16>(xf, M, K, ws, scales, outs, swiglu);
+    else gemv_impl<int8_t, float>(xf, M, K, ws, scales, outs, swiglu);
+  } else {
+    if (xb) gemv_impl<float, bf16>(xf, M, K, ws, scales, outs, swiglu);
+    else gemv_impl<float, float>(xf, M, K, ws, scales, outs, swiglu);
+  }
   return outs;
 }
 
@@ -256,7 +287,7 @@ static inline void rotary(const T* x, const T* cos, const T* sin, int64_t D, flo
 template <typename T>
 static void rope_attend_impl(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                              const torch::Tensor& cos, const torch::Tensor& sin, torch::Tensor& kc,
-                             torch::Tensor& vc, torch::Tensor& out, int64_t slot, float scale) {
+                             torch::Tensor& vc, torch::Tensor& out, int64_t slot, float scale, const bool* mask) {
   const int64_t B = q.size(0), Hkv = kc.size(1), S = kc.size(2), D = kc.size(3), H = q.size(1) / D, group = H / Hkv;
   const T *qp = q.data_ptr<T>(), *kp = k.data_ptr<T>(), *vp = v.data_ptr<T>();
   const T *cp = cos.data_ptr<T>(), *sp = sin.data_ptr<T>();
@@ -279,7 +310,10 @@ static void rope_attend_impl(const torch::Tensor& q, const torch::Tensor& k, con
       const T* keys = kcp + (b * Hkv + g) * S * D;
       const T* vals = vcp + (b * Hkv + g) * S * D;
       float mx = -INFINITY;
-      for (int64_t j = 0; j < n; ++j) { p[j] = dot(qr.data(), keys + j * D, D) * scale; mx = std::max(mx, p[j]); }
+      for (int64_t j = 0; j < n; ++j) {
+        p[j] = (!mask || mask[b * n + j]) ? dot(qr.data(), keys + j * D, D) * scale : -INFINITY;
+        mx = std::max(mx, p[j]);
+      }
       float total = 0.f;
       for (int64_t j = 0; j < n; ++j) { p[j] = std::exp(p[j] - mx); total += p[j]; }
       std::fill(acc.begin(), acc.end(), 0.f);
@@ -294,7 +328,8 @@ static void rope_attend_impl(const torch::Tensor& q, const torch::Tensor& k, con
 }
 
 torch::Tensor rope_attend(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor cos, torch::Tensor sin,
-                          torch::Tensor kc, torch::Tensor vc, int64_t slot, double scale) {
+                          torch::Tensor kc, torch::Tensor vc, int64_t slot, double scale,
+                          c10::optional<torch::Tensor> mask) {
   const auto dt = q.scalar_type();
   TORCH_CHECK(kc.dim() == 4 && kc.is_contiguous() && vc.sizes() == kc.sizes() && vc.is_contiguous(),
               "rope_attend: caches must be contiguous (B, Hkv, S, D)");
@@ -305,11 +340,17 @@ torch::Tensor rope_attend(torch::Tensor q, torch::Tensor k, torch::Tensor v, tor
   TORCH_CHECK(k.sizes() == v.sizes() && k.dim() == 2 && k.size(0) == B && k.size(1) == Hkv * D, "rope_attend: k/v ", k.sizes());
   TORCH_CHECK(cos.sizes() == sin.sizes() && cos.dim() == 2 && cos.size(0) == B && cos.size(1) == D, "rope_attend: cos ", cos.sizes());
   TORCH_CHECK(0 <= slot && slot < S, "rope_attend: slot ", slot, " outside the cache's ", S);
+  const bool* mk = nullptr;  // (B, slot + 1): which slots each row may read (left padding: not all)
+  if (mask.has_value()) {
+    TORCH_CHECK(mask->scalar_type() == torch::kBool && mask->is_contiguous() && mask->numel() == B * (slot + 1),
+                "rope_attend: mask must be a contiguous bool (B, ", slot + 1, "), got ", mask->sizes());
+    mk = mask->data_ptr<bool>();
+  }
   auto out = torch::empty_like(q);
-  if (dt == torch::kBFloat16) rope_attend_impl<bf16>(q, k, v, cos, sin, kc, vc, out, slot, (float)scale);
+  if (dt == torch::kBFloat16) rope_attend_impl<bf16>(q, k, v, cos, sin, kc, vc, out, slot, (float)scale, mk);
   else {
     TORCH_CHECK(dt == torch::kFloat32, "rope_attend: fp32 or bf16");
-    rope_attend_impl<float>(q, k, v, cos, sin, kc, vc, out, slot, (float)scale);
+    rope_attend_impl<float>(q, k, v, cos, sin, kc, vc, out, slot, (float)scale, mk);
   }
   return out;
 }
@@ -360,31 +401,43 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """F.linear for x (..., K) with few rows, weight (N, K) fp32 or bf16 -> x's dtype (..., N)."""
     rows = x.reshape(-1, x.shape[-1]).contiguous()  # (M, K)
     if bias is None:
-        y = _module().gemv(rows, [weight.contiguous()], False)[0]  # (M, N); contiguous(): a no-op when it is
+        y = _module().gemv(rows, [weight.contiguous()], [], False)[0]  # (M, N); contiguous(): a no-op when it is
     else:  # fp32 products plus the bias, then one rounding
-        y = (_module().gemv(rows.float(), [weight.contiguous()], False)[0] + bias.float()).to(x.dtype)
+        y = (_module().gemv(rows.float(), [weight.contiguous()], [], False)[0] + bias.float()).to(x.dtype)
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
 def use_block_step(x: torch.Tensor, mask, cache) -> bool:
-    """Whether llama.Block may take `block_step`: one new token per row, no padding mask, a cache
-    of the activations' dtype, fp32 or bf16 on the CPU, no autograd, and the kernels built."""
-    return (cache is not None and mask is None and x.shape[1] == 1 and x.device.type == "cpu"
+    """Whether llama.Block may take `block_step`: one new token per row (with or without a padding
+    mask), a cache of the activations' dtype, fp32 or bf16 on the CPU, no autograd, and the
+    kernels built."""
+    return (isinstance(cache, KVCache)  # not cuda_graph's fixed-shape writer
+            and x.shape[1] == 1 and x.device.type == "cpu"
             and x.dtype in (torch.float32, torch.bfloat16) and cache.k.dtype == x.dtype
             and not torch.is_grad_enabled() and available())
 
 
-def block_step(block, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache) -> torch.Tensor:
+def block_step(block, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache, mask=None) -> torch.Tensor:
     """llama.Block.forward for a decode step: x (B, 1, C) -> (B, 1, C), writing this token's key and
-    value into `cache` at slot cache.length. cos, sin: (B, 1, 1, D) from llama.Rotary."""
+    value into `cache` at slot cache.length. cos, sin: (B, 1, 1, D) from llama.Rotary; mask: None,
+    or llama.build_mask's (B, 1, 1, length + 1) for a left-padded batch."""
     m, att, mlp = _module(), block.self_attn, block.mlp
     B, _, C = x.shape
     x = x.contiguous()
     h = m.rmsnorm(x.view(B, C), block.input_layernorm.weight, block.input_layernorm.eps)  # (B, C)
-    q, k, v = m.gemv(h, [att.q_proj.weight, att.k_proj.weight, att.v_proj.weight], False)  # (B, H*D), (B, Hkv*D) x2
+    q, k, v = m.gemv(h, *_weights(att.q_proj, att.k_proj, att.v_proj), False)  # (B, H*D), (B, Hkv*D) x2
+    readable = None if mask is None else mask.reshape(B, -1)  # (B, length + 1) slots each row may read
     y = m.rope_attend(q, k, v, cos.reshape(B, -1), sin.reshape(B, -1), cache.k[att.layer], cache.v[att.layer],
-                      cache.length, att.head_dim ** -0.5)  # (B, H*D)
-    x = x + m.gemv(y, [att.o_proj.weight], False)[0].view(B, 1, C)
+                      cache.length, att.head_dim ** -0.5, readable)  # (B, H*D)
+    x = x + m.gemv(y, *_weights(att.o_proj), False)[0].view(B, 1, C)
     h = m.rmsnorm(x.view(B, C), block.post_attention_layernorm.weight, block.post_attention_layernorm.eps)
-    a = m.gemv(h, [mlp.gate_proj.weight, mlp.up_proj.weight], True)[0]  # (B, I): silu(gate) * up
-    return x + m.gemv(a, [mlp.down_proj.weight], False)[0].view(B, 1, C)
+    a = m.gemv(h, *_weights(mlp.gate_proj, mlp.up_proj), True)[0]  # (B, I): silu(gate) * up
+    return x + m.gemv(a, *_weights(mlp.down_proj), False)[0].view(B, 1, C)
+
+
+def _weights(*projections) -> tuple[list, list]:
+    """gemv's weights and scales for projections all of one kind: llama.Linear (no scales) or
+    llama.Int8Linear (int8 weights, one fp32 scale per row)."""
+    if hasattr(projections[0], "qweight"):
+        return [p.qweight for p in projections], [p.scale for p in projections]
+    return [p.weight for p in projections], []

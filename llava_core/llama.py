@@ -52,6 +52,48 @@ class Linear(nn.Linear):
         return F.linear(x, self.weight, self.bias)
 
 
+class Int8Linear(nn.Module):
+    """Weight-only int8 (optional, `quantize_int8`): weight ~ qweight * scale, one symmetric scale
+    per output row (absmax / 127). Decode's few-token products read the int8 weights through
+    cpu_kernels, half the bytes of bf16; other products use the weight dequantised to fp32."""
+
+    def __init__(self, qweight: torch.Tensor, scale: torch.Tensor):
+        super().__init__()
+        self.register_buffer("qweight", qweight)  # (N, K) int8
+        self.register_buffer("scale", scale)  # (N,) fp32
+        self.out_features, self.in_features = qweight.shape
+
+    @classmethod
+    def from_linear(cls, lin: nn.Linear) -> "Int8Linear":
+        if lin.bias is not None:
+            raise ValueError("Int8Linear: projections with a bias are not supported (the decoder has none)")
+        w = lin.weight.detach().float()  # (N, K)
+        scale = w.abs().amax(1).clamp(min=1e-12) / 127  # (N,)
+        return cls(torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8), scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (x.device.type == "cpu" and x.shape[:-1].numel() < 16 and not torch.is_grad_enabled()
+                and cpu_kernels.available()):
+            rows = x.reshape(-1, x.shape[-1]).contiguous()  # (M, K)
+            y = cpu_kernels._module().gemv(rows, [self.qweight], [self.scale], False)[0]  # (M, N)
+            return y.reshape(*x.shape[:-1], self.out_features)
+        w = self.qweight.float() * self.scale[:, None]  # (N, K) fp32
+        return F.linear(x.float(), w).to(x.dtype)
+
+
+def quantize_int8(decoder: "LlamaDecoder", lm_head: bool = True) -> "LlamaDecoder":
+    """Replace the decoder's projections (and the lm_head) by Int8Linear, in place. The embedding
+    and the norms keep their dtype; a tied lm_head gets its own int8 copy."""
+    for block in decoder.layers:
+        for parent in (block.self_attn, block.mlp):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, nn.Linear):
+                    setattr(parent, name, Int8Linear.from_linear(child))
+    if lm_head:
+        decoder.lm_head = Int8Linear.from_linear(decoder.lm_head)
+    return decoder
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -159,15 +201,17 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def plain(self) -> bool:
-        """No adapters (LoRA replaces the projections) and no hooks (probes) inside this block."""
-        parts = (self.input_layernorm, self.self_attn, *self.self_attn.children(),
-                 self.post_attention_layernorm, self.mlp, *self.mlp.children())
-        return all(type(m) in (RMSNorm, Attention, MLP, Linear) and not (m._forward_hooks or m._forward_pre_hooks)
-                   for m in parts)
+        """No adapters (LoRA replaces the projections) and no hooks (probes) inside this block, and
+        its projections all of one kind (Linear or Int8Linear)."""
+        projections = (*self.self_attn.children(), *self.mlp.children())
+        parts = (self.input_layernorm, self.self_attn, self.post_attention_layernorm, self.mlp, *projections)
+        return (len({type(m) for m in projections}) == 1 and type(projections[0]) in (Linear, Int8Linear)
+                and all(type(m) in (RMSNorm, Attention, MLP, Linear, Int8Linear)
+                        and not (m._forward_hooks or m._forward_pre_hooks) for m in parts))
 
     def forward(self, x, cos, sin, mask, cache):
         if cpu_kernels.use_block_step(x, mask, cache) and self.plain():
-            return cpu_kernels.block_step(self, x, cos, sin, cache)  # decode on a CPU: the same sums, 7 calls
+            return cpu_kernels.block_step(self, x, cos, sin, cache, mask)  # CPU decode: the same sums, 7 calls
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 

@@ -53,18 +53,18 @@ def test_gemv_of_several_weights_and_swiglu_match_torch(dtype):
     x = _rand(g, 3, 75, dtype=dtype)  # K = 75: not a multiple of the 16-wide inner loop
     ws = [_rand(g, n, 75, dtype=dtype) for n in (13, 6, 6)]  # rows not a multiple of 4 either
     m = cpu_kernels._module()
-    outs = m.gemv(x, ws, False)
+    outs = m.gemv(x, ws, [], False)
     for w, y in zip(ws, outs):
         ref = torch.nn.functional.linear(x.float(), w.float())  # exact products, fp32 sums
         assert y.dtype == dtype and y.shape == ref.shape
         tol = 1e-5 if dtype == torch.float32 else 2.0 ** -7  # fp32 order noise; one bf16 rounding
         assert ((y.float() - ref).abs() <= tol * ref.abs().clamp(min=1) * 75 ** 0.5).all()
     gate, up = _rand(g, 10, 75, dtype=dtype), _rand(g, 10, 75, dtype=dtype)
-    (y,) = m.gemv(x, [gate, up], True)
+    (y,) = m.gemv(x, [gate, up], [], True)
     ref = torch.nn.functional.silu(torch.nn.functional.linear(x, gate)) * torch.nn.functional.linear(x, up)
     assert y.shape == (3, 10) and torch.allclose(y.float(), ref.float(), rtol=2.0 ** -6, atol=1e-3)
     with pytest.raises(RuntimeError, match=r"\(N, 75\)"):
-        m.gemv(x, [_rand(g, 4, 74, dtype=dtype)], False)
+        m.gemv(x, [_rand(g, 4, 74, dtype=dtype)], [], False)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -94,29 +94,32 @@ def _decoder(dtype, seed=0):
     return dec
 
 
-def _decode(dec, dtype, steps, kernels: bool, monkeypatch):
+def _decode(dec, dtype, steps, kernels: bool, monkeypatch, padded: bool = False):
     from llava_core.kv_cache import KVCache
     with monkeypatch.context() as mp:
-        if not kernels:
-            mp.setattr(cpu_kernels, "use_block_step", lambda *a: False)
+        if not kernels:  # torch's operations throughout
+            mp.setattr(cpu_kernels, "available", lambda: False)
         g = torch.Generator().manual_seed(3)
         prompt, new = _rand(g, 2, 12, 128, dtype=dtype), _rand(g, 2, steps, 1, 128, dtype=dtype)
         cache = KVCache.for_model(dec.cfg, 2, 64, dtype, "cpu")
+        mask = torch.ones(2, 12, dtype=torch.bool)
+        mask[0, :4] = not padded  # row 0 left-padded by 4: decode steps then carry a mask
         with torch.inference_mode():
-            out = [dec(prompt, cache=cache)[:, -1]]
+            out = [dec(prompt, attention_mask=mask, cache=cache)[:, -1]]
             out += [dec(new[:, t], cache=cache)[:, -1] for t in range(steps)]
         n = cache.length
         return torch.stack(out).float(), cache.k[..., :n, :].float(), cache.v[..., :n, :].float()
 
 
+@pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_block_step_equals_the_torch_path(dtype, monkeypatch):
-    """Five decode steps of a 3-layer GQA decoder (batch 2): hidden states and the cache written by
-    the kernels against llama.Block's torch operations. fp32: 1e-5; bf16: two bf16 steps (2^-6)
-    of the largest value, since roundings may land on either side."""
+def test_block_step_equals_the_torch_path(dtype, padded, monkeypatch):
+    """Five decode steps of a 3-layer GQA decoder (batch 2, one row left-padded or none): hidden
+    states and the cache written by the kernels against llama.Block's torch operations. fp32:
+    1e-5; bf16: two bf16 steps (2^-6) of the largest value, since roundings may land on either side."""
     dec = _decoder(dtype)
-    fast = _decode(dec, dtype, 5, True, monkeypatch)
-    plain = _decode(dec, dtype, 5, False, monkeypatch)
+    fast = _decode(dec, dtype, 5, True, monkeypatch, padded)
+    plain = _decode(dec, dtype, 5, False, monkeypatch, padded)
     for a, b in zip(fast, plain):
         tol = 1e-5 if dtype == torch.float32 else 2.0 ** -6
         assert (a - b).abs().max() <= tol * b.abs().max()
@@ -140,3 +143,45 @@ def test_block_step_runs_for_decode_only_and_steps_aside_for_hooks(monkeypatch):
         cache = KVCache.for_model(dec.cfg, 1, 8, torch.float32, "cpu")
         dec(torch.randn(1, 1, 128), cache=cache)
         assert calls == []
+
+
+# --- optional weight-only int8 ------------------------------------------------------------------
+
+def test_int8_linear_rounds_within_half_a_step_and_the_kernel_matches_its_dequantised_product():
+    g = torch.Generator().manual_seed(4)
+    lin = llama.Linear(75, 13, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(_rand(g, 13, 75))
+    q = llama.Int8Linear.from_linear(lin)
+    assert q.qweight.dtype == torch.int8 and q.qweight.abs().max() == 127
+    deq = q.qweight.float() * q.scale[:, None]
+    assert ((deq - lin.weight).abs() <= q.scale[:, None] / 2 + 1e-7).all()
+    x = _rand(g, 2, 75)
+    with torch.inference_mode():
+        got = q(x)  # two rows: the kernel
+    assert torch.allclose(got, torch.nn.functional.linear(x, deq), rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="scale"):
+        cpu_kernels._module().gemv(x, [q.qweight], [], False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_block_step_equals_the_torch_path(dtype, monkeypatch):
+    dec = llama.quantize_int8(_decoder(dtype))
+    assert all(b.plain() and type(b.mlp.down_proj) is llama.Int8Linear for b in dec.layers)
+    fast = _decode(dec, dtype, 3, True, monkeypatch)
+    plain = _decode(dec, dtype, 3, False, monkeypatch)  # Int8Linear's dequantised fp32 products
+    for a, b in zip(fast, plain):
+        tol = 1e-5 if dtype == torch.float32 else 2.0 ** -6
+        assert (a - b).abs().max() <= tol * b.abs().max()
+
+
+def test_cli_int8_flag_quantises_the_decoder_only(tiny_ckpt):
+    import argparse
+
+    from llava_core import cli
+    args = argparse.Namespace(model=str(tiny_ckpt), device="cpu", dtype="float32", template=None, int8=True)
+    model, _ = cli._load(args)
+    lm = model.language_model
+    kinds = {type(m) for b in lm.layers for m in (*b.self_attn.children(), *b.mlp.children())}
+    assert kinds == {llama.Int8Linear} and type(lm.lm_head) is llama.Int8Linear
+    assert lm.embed_tokens.weight.dtype == torch.float32  # the embedding is not quantised
