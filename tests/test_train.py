@@ -2,6 +2,7 @@
 runs repeat exactly, and an interrupted run resumes where it stopped."""
 
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -121,6 +122,34 @@ def test_budget_split_over_the_stages_run():
     r = Recipe(budget_minutes=64, reserve_minutes=4, shares=(1, 1, 2))
     assert r.stage_budgets() == {0: 900, 1: 900, 2: 1800}
     assert r.stage_budgets((1, 2)) == {0: None, 1: 1200, 2: 2400}
+
+
+def test_replay_sets_the_recorded_steps_and_refuses_other_settings():
+    recorded = Recipe()
+    summary = {"recipe": json.loads(json.dumps(dataclasses.asdict(recorded), default=str)),
+               "stages": {"0": {"steps": 605, "planned_steps": 903}, "1": {"steps": 52, "planned_steps": 52},
+                          "2": {"steps": 289, "planned_steps": 289}}}
+    r = Recipe().replay(summary)
+    assert r.budget_minutes is None and r.stage_budgets() == {0: None, 1: None, 2: None}
+    assert (r.stage0.loop.steps, r.stage0.loop.stop_at, r.stage0.loop.budget_s) == (903, 605, None)
+    assert (r.stage2.loop.steps, r.stage2.loop.stop_at) == (289, 289)
+    other = Recipe()
+    other.stage2.lora_r = 4
+    with pytest.raises(ValueError, match="lora_r: 8 -> 4"):
+        other.replay(summary)
+    del summary["stages"]["1"]["planned_steps"]
+    with pytest.raises(ValueError, match="stage 1"):
+        Recipe().replay(summary)
+
+
+def test_stop_at_cuts_the_schedule_where_a_budget_did(tmp_path, processor):
+    """A replay of a run its budget stopped at step 5 of 8: the same 5 learning rates and losses."""
+    train_stage2(tmp_path / "a", tiny_model(processor), processor, s2(8), threads=1)
+    train_stage2(tmp_path / "b", tiny_model(processor), processor, s2(8, stop_at=5), threads=1)
+    a, b = read_jsonl(tmp_path / "a" / "stage2.jsonl"), read_jsonl(tmp_path / "b" / "stage2.jsonl")
+    assert len(a) == 8 and len(b) == 5
+    assert [r["lr"] for r in b] == [r["lr"] for r in a[:5]]
+    assert max(abs(x["loss"] - y["loss"]) for x, y in zip(a, b)) <= 1e-4
 
 
 def test_curriculum_moves_from_easy_to_full():
@@ -268,7 +297,7 @@ def test_run_recipe_writes_every_stage_and_the_parts(tmp_path, processor):
     for s in (0, 1, 2):
         for ext in ("jsonl", "png", "ckpt"):
             assert (tmp_path / "train" / f"stage{s}.{ext}").is_file()
-        assert summary["stages"][str(s)]["steps"] == 3
+        assert summary["stages"][str(s)]["steps"] == summary["stages"][str(s)]["planned_steps"] == 3
     assert "validation" not in summary and "overall" in summary["stages"]["2"]["eval"]
     assert saved["folder"] == tmp_path / "parts" and saved["r"] == 4
     assert any("lora_B" in k for k in saved["lora"])

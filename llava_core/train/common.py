@@ -159,6 +159,7 @@ def lr_factor(step: int, total: int | None, warmup: int, min_ratio: float) -> fl
 @dataclass
 class LoopConfig:
     steps: int | None = None  # fixed number of optimizer steps; None: set from budget_s
+    stop_at: int | None = None  # stop here although the schedule runs to `steps` (replays a budget stop)
     budget_s: float | None = None  # wall-clock budget; the loop also stops when it is spent
     warmup: int = 20  # linear warm-up steps (>= calibrate_steps, so the total is known after it)
     min_lr_ratio: float = 0.05  # cosine floor, as a fraction of each group's lr
@@ -246,7 +247,7 @@ def train_loop(name: str, out_dir: str | Path, cfg: LoopConfig, step_fn: Callabl
     window_t, window_n = t0, 0
     calib_t = None
     step, stopped = start, False
-    while total is None or step < total:
+    while (total is None or step < total) and (cfg.stop_at is None or step < cfg.stop_at):
         elapsed = elapsed0 + time.perf_counter() - t0
         if cfg.budget_s is not None and elapsed > cfg.budget_s and step > start:
             stopped = True

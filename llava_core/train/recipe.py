@@ -18,6 +18,7 @@ for loading, evaluation and saving; each stage turns its share into a step count
 measured speed.
 
     llava-core train --recipe default --out runs/r1 [--budget-minutes 55] [--stage all] [--resume]
+    llava-core train --recipe default --out runs/r2 --replay weights/training.json  # the shipped run's steps
     python -m llava_core.train --out runs/r1
     torchrun --nproc_per_node 2 -m llava_core.train --out runs/r1   # DDP (gloo), samples sharded by rank
 
@@ -32,14 +33,14 @@ import copy
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from ..config import VisionConfig
 from ..atomic import atomic_write_text
-from .common import Dist, LoopConfig, init_distributed, setup_torch
+from .common import Dist, LoopConfig, config_differences, init_distributed, setup_torch
 from .stage0_clip import Stage0Config, load_visual, train_stage0, visual_state
 from .stage1_align import Stage1Config, train_stage1
 from .stage2_instruct import Stage2Config, lora_state, train_stage2
@@ -73,6 +74,21 @@ class Recipe:
     eval_samples: int = 96  # validation questions answered after stage 2 (0: none)
     seed: int = 0
     threads: int | None = 2
+
+    def replay(self, summary: dict) -> "Recipe":
+        """This recipe set to run the optimizer steps a finished run recorded (its training.json or
+        train/summary.json), with that run's schedule lengths, and no time budget: a run stopped by
+        its budget is then reproduced on any machine, however fast or loaded."""
+        differ = config_differences(summary.get("recipe", {}), _jsonable(asdict(self)))
+        if differ:
+            raise ValueError(f"--replay: the recorded run used other settings ({'; '.join(differ[:6])})")
+        self.budget_minutes = None
+        for s, cfg in zip(STAGES, (self.stage0, self.stage1, self.stage2)):
+            rec = summary.get("stages", {}).get(str(s), {})
+            if "steps" not in rec or "planned_steps" not in rec:
+                raise ValueError(f"--replay: stage {s} has no recorded 'steps' and 'planned_steps'")
+            cfg.loop = replace(cfg.loop, steps=rec["planned_steps"], stop_at=rec["steps"], budget_s=None)
+        return self
 
     def stage_budgets(self, stages=STAGES) -> dict[int, float | None]:
         """Seconds per stage: the budget less the reserve, split by `shares` over the stages run."""
@@ -252,7 +268,9 @@ def _stage_summary(jsonl: Path, seconds: float) -> dict:
     keys = [k for k in tail[-1] if k not in ("step", "elapsed_s", "lr", "samples", "samples_per_s")
             and all(isinstance(r.get(k), (int, float)) for r in tail)]
     last = {k: round(sum(r[k] for r in tail) / len(tail), 4) for k in keys}
-    return {"steps": rows[-1]["step"], "samples": samples, "seconds": round(seconds, 1),
+    ckpt = jsonl.with_suffix(".ckpt")  # the schedule's length, which a budget stop cuts short
+    planned = torch.load(ckpt, map_location="cpu", weights_only=False)["total"] if ckpt.is_file() else None
+    return {"steps": rows[-1]["step"], "planned_steps": planned, "samples": samples, "seconds": round(seconds, 1),
             "samples_per_s": round(samples / max(1e-9, rows[-1]["elapsed_s"]), 3),
             "first_loss": rows[0]["loss"], "last_10pct": last}
 
@@ -294,6 +312,8 @@ def _add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, help="torch threads (default 2)")
     p.add_argument("--eval-samples", type=int, help="validation questions answered after stage 2")
     p.add_argument("--seed", type=int)
+    p.add_argument("--replay", metavar="JSON", help="run the steps a finished run recorded (weights/training.json "
+                   "or train/summary.json) instead of a time budget: reproduces that run's model")
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -303,6 +323,8 @@ def run_train(args: argparse.Namespace) -> int:
     for key in ("threads", "eval_samples", "seed"):
         if getattr(args, key, None) is not None:
             setattr(recipe, key, getattr(args, key))
+    if args.replay:
+        recipe.replay(json.loads(Path(args.replay).read_text()))
     stages = STAGES if args.stage == "all" else (int(args.stage),)
     summary = run_recipe(args.out, recipe, stages=stages, resume=args.resume)
     log.info("training finished in %.0f s; summary in %s", summary["elapsed_s"],
