@@ -397,13 +397,16 @@ def available() -> bool:
     return _module() is not None
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear for x (..., K) with few rows, weight (N, K) fp32 or bf16 -> x's dtype (..., N)."""
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           scale: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear for x (..., K) with few rows -> x's dtype (..., N). weight (N, K): fp32 or bf16, or
+    int8 with `scale` (N,) fp32 per row (llama.Int8Linear)."""
     rows = x.reshape(-1, x.shape[-1]).contiguous()  # (M, K)
+    scales = [] if scale is None else [scale]
     if bias is None:
-        y = _module().gemv(rows, [weight.contiguous()], [], False)[0]  # (M, N); contiguous(): a no-op when it is
+        y = _module().gemv(rows, [weight.contiguous()], scales, False)[0]  # (M, N); contiguous(): no-op if it is
     else:  # fp32 products plus the bias, then one rounding
-        y = (_module().gemv(rows.float(), [weight.contiguous()], [], False)[0] + bias.float()).to(x.dtype)
+        y = (_module().gemv(rows.float(), [weight.contiguous()], scales, False)[0] + bias.float()).to(x.dtype)
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 

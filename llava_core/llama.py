@@ -74,9 +74,7 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (x.device.type == "cpu" and x.shape[:-1].numel() < 16 and not torch.is_grad_enabled()
                 and cpu_kernels.available()):
-            rows = x.reshape(-1, x.shape[-1]).contiguous()  # (M, K)
-            y = cpu_kernels._module().gemv(rows, [self.qweight], [self.scale], False)[0]  # (M, N)
-            return y.reshape(*x.shape[:-1], self.out_features)
+            return cpu_kernels.linear(x, self.qweight, scale=self.scale)
         w = self.qweight.float() * self.scale[:, None]  # (N, K) fp32
         return F.linear(x.float(), w).to(x.dtype)
 
