@@ -296,14 +296,19 @@ def plot(rows: list[dict], path: Path, size=(760, 480)) -> None:
             d.text((gx - 8, H - bottom + 8), str(2 ** t), fill="black")
         d.text((W // 2 - 60, H - 20), "visual tokens per image (log scale)", fill="black")
         d.rectangle((left, top, W - right, H - bottom), outline="black")
-        for s, x, y in zip(summary, xs, ys):
+        labels: dict[float, list[float]] = {}  # label heights taken at each token count
+        for s, x, y in sorted(zip(summary, xs, ys), key=lambda t: -t[2]):  # top to bottom
             cx, cy = px(x, y)
             sd = 100 * s["acc_overall"][1]
             _, ylo = px(x, max(0.0, y - sd))
             _, yhi = px(x, y + sd)
             d.line((cx, ylo, cx, yhi), fill=(120, 120, 120), width=2)
             d.ellipse((cx - 5, cy - 5, cx + 5, cy + 5), fill=(30, 70, 220))
-            d.text((cx + 8, cy - 14), s["projector"], fill="black")
+            name, taken = s["projector"], labels.setdefault(x, [])
+            ty = max(cy - 14, taken[-1] + 13) if taken else cy - 14  # no label over another
+            taken.append(ty)
+            tx = cx + 8 if cx + 8 + d.textlength(name) < W - right else cx - 8 - d.textlength(name)
+            d.text((tx, ty), name, fill="black")
     if not summary:
         d.rectangle((left, top, W - right, H - bottom), outline="black")
     with atomic_path(path) as tmp:

@@ -37,18 +37,24 @@ def slow_bf16(x: torch.Tensor) -> bool:
 
 
 class Linear(nn.Linear):
-    """nn.Linear (same weights, same names), except for bf16 on a CPU without native bf16:
-    a product over many tokens runs in fp32 (the same products, rounded to bf16 once at the
-    end, about 6x faster for a prefill), and a few-token one (decode) goes through
-    cpu_kernels' AVX2 kernel, which streams the bf16 weights at memory speed."""
+    """nn.Linear (same weights, same names), except on the CPU:
+    - bf16 on a CPU without native bf16: a product over many tokens runs in fp32 (the same
+      products, rounded to bf16 once at the end, about 6x faster for a prefill), and a few-token
+      one (decode) goes through cpu_kernels' AVX2 kernel, which streams the weights at memory speed;
+    - fp32 decode with a large weight (the lm_head): the same kernel read 1.5-1.8x the bytes per
+      second of torch's here (benchmarks/README.md); small fp32 weights keep torch's product."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        few = x.shape[:-1].numel() < 16
         if slow_bf16(x):
-            if x.shape[:-1].numel() >= 16:
+            if not few:
                 bias = None if self.bias is None else self.bias.float()
                 return F.linear(x.float(), self.weight.float(), bias).to(x.dtype)
             if cpu_kernels.available() and self.weight.dtype == torch.bfloat16 and not torch.is_grad_enabled():
                 return cpu_kernels.linear(x, self.weight, self.bias)
+        elif (few and x.dtype == torch.float32 and x.device.type == "cpu" and self.weight.numel() >= 1 << 22
+              and not torch.is_grad_enabled() and cpu_kernels.available()):
+            return cpu_kernels.linear(x, self.weight, self.bias)  # 16 MB and more: the lm_head
         return F.linear(x, self.weight, self.bias)
 
 

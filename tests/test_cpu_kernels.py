@@ -185,3 +185,17 @@ def test_cli_int8_flag_quantises_the_decoder_only(tiny_ckpt):
     kinds = {type(m) for b in lm.layers for m in (*b.self_attn.children(), *b.mlp.children())}
     assert kinds == {llama.Int8Linear} and type(lm.lm_head) is llama.Int8Linear
     assert lm.embed_tokens.weight.dtype == torch.float32  # the embedding is not quantised
+
+
+def test_fp32_decode_uses_the_kernel_for_large_weights_only(monkeypatch):
+    calls = []
+    real = cpu_kernels.linear
+    monkeypatch.setattr(cpu_kernels, "linear", lambda *a, **k: calls.append(a[1].shape) or real(*a, **k))
+    big, small = llama.Linear(1024, 4096, bias=False), llama.Linear(64, 32, bias=False)  # 16 MB; 8 KB
+    x = torch.randn(1, 1, 1024)
+    with torch.inference_mode():
+        y = big(x)
+        small(torch.randn(1, 1, 64))
+        big(torch.randn(1, 20, 1024))  # a prefill: torch
+    assert calls == [(4096, 1024)]
+    assert torch.allclose(y, torch.nn.functional.linear(x, big.weight), rtol=1e-5, atol=1e-5)
