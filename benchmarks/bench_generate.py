@@ -227,7 +227,7 @@ def main(argv=None):
     processor = LlavaProcessor.from_pretrained(folder)
     question, image = prompt(processor)
     print(f"checkpoint {folder}; {args.dtype} on {args.device}, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}", flush=True)
+          f"torch {torch.__version__}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}", flush=True)
 
     model = load_pretrained(folder, dtype=dtype, device=args.device)
     if args.int8:

@@ -91,6 +91,8 @@ static inline float dot(const float* x, const T* w, int64_t K) {
   return s;
 }
 
+static constexpr int64_t kRowBytes = 4096;  // see dot_block
+
 // The products stream 16 weights at a time. A bf16 16-block widens to two fp32 vectors with
 // one load and two unpacks (each 32-bit lane gets the bf16 as its top half), but the unpacks
 // work within 128-bit halves: the vectors hold elements 0-3, 8-11 and 4-7, 12-15. So x is
@@ -146,7 +148,9 @@ static inline void dot_rows(const float* xk, const float* x, const W* w, int64_t
 
 template <typename W>
 static inline void dot_block(const float* xk, const float* x, const W* w, int64_t K, int64_t rows, float* out) {
-  if (rows == 4) dot_rows<4>(xk, x, w, K, out);
+  // four rows share each load of x; but rows shorter than a page read faster one after another
+  // (one stream for the prefetcher): 23 against 14-19 GB/s for the 49152 x 576 lm_head here
+  if (rows == 4 && K * (int64_t)sizeof(W) >= kRowBytes) dot_rows<4>(xk, x, w, K, out);
   else for (int64_t r = 0; r < rows; ++r) dot_rows<1>(xk, x, w + r * K, K, out + r);
 }
 
