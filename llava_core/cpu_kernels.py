@@ -385,16 +385,25 @@ def _module():
     flags = cpu_flags()
     if flags is None or " avx2" not in flags or " fma" not in flags:
         return None
+    if not _built():
+        log.warning("building llava_core's AVX2 decode kernels (once, about a minute) ...")
     try:
-        from torch.utils.cpp_extension import _get_build_directory, load_inline
-        if not list(Path(_get_build_directory(_NAME, False)).glob("*.so")):
-            log.warning("building llava_core's AVX2 decode kernels (once, about a minute) ...")
+        from torch.utils.cpp_extension import load_inline
         return load_inline(_NAME, cpp_sources=_SOURCE, with_cuda=False,
                            extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"], extra_ldflags=["-fopenmp"])
     except Exception as e:  # no compiler, no headers: keep torch's kernels
         log.warning("AVX2 decode kernels not built (%s); using torch's operations",
                     str(e).splitlines()[0] if str(e) else type(e).__name__)
         return None
+
+
+def _built() -> bool:
+    """Whether a build of the kernels is already cached (only to say why the first use is slow)."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory  # private: may move between versions
+        return any(Path(_get_build_directory(_NAME, False)).glob("*.so"))
+    except Exception:
+        return False
 
 
 def available() -> bool:
