@@ -410,6 +410,13 @@ def available() -> bool:
     return _module() is not None
 
 
+def decode_product(x: torch.Tensor) -> bool:
+    """Whether a product of x (..., K) may go through `linear`: few rows (a decode step), on the
+    CPU, no autograd, and the kernels built."""
+    return (x.device.type == "cpu" and x.shape[:-1].numel() < 16 and not torch.is_grad_enabled()
+            and available())
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            scale: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear for x (..., K) with few rows -> x's dtype (..., N). weight (N, K): fp32 or bf16, or

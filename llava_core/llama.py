@@ -45,15 +45,13 @@ class Linear(nn.Linear):
       second of torch's here (benchmarks/README.md); small fp32 weights keep torch's product."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        few = x.shape[:-1].numel() < 16
         if slow_bf16(x):
-            if not few:
+            if x.shape[:-1].numel() >= 16:
                 bias = None if self.bias is None else self.bias.float()
                 return F.linear(x.float(), self.weight.float(), bias).to(x.dtype)
-            if cpu_kernels.available() and self.weight.dtype == torch.bfloat16 and not torch.is_grad_enabled():
+            if self.weight.dtype == torch.bfloat16 and cpu_kernels.decode_product(x):
                 return cpu_kernels.linear(x, self.weight, self.bias)
-        elif (few and x.dtype == torch.float32 and x.device.type == "cpu" and self.weight.numel() >= 1 << 22
-              and not torch.is_grad_enabled() and cpu_kernels.available()):
+        elif x.dtype == torch.float32 and self.weight.numel() >= 1 << 22 and cpu_kernels.decode_product(x):
             return cpu_kernels.linear(x, self.weight, self.bias)  # 16 MB and more: the lm_head
         return F.linear(x, self.weight, self.bias)
 
@@ -78,8 +76,7 @@ class Int8Linear(nn.Module):
         return cls(torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8), scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (x.device.type == "cpu" and x.shape[:-1].numel() < 16 and not torch.is_grad_enabled()
-                and cpu_kernels.available()):
+        if cpu_kernels.decode_product(x):
             return cpu_kernels.linear(x, self.qweight, scale=self.scale)
         w = self.qweight.float() * self.scale[:, None]  # (N, K) fp32
         return F.linear(x.float(), w).to(x.dtype)
