@@ -201,18 +201,34 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def plain(self) -> bool:
-        """No adapters (LoRA replaces the projections) and no hooks (probes) inside this block, and
-        its projections all of one kind (Linear or Int8Linear)."""
-        projections = (*self.self_attn.children(), *self.mlp.children())
-        parts = (self.input_layernorm, self.self_attn, self.post_attention_layernorm, self.mlp, *projections)
-        return (len({type(m) for m in projections}) == 1 and type(projections[0]) in (Linear, Int8Linear)
-                and all(type(m) in (RMSNorm, Attention, MLP, Linear, Int8Linear)
-                        and not (m._forward_hooks or m._forward_pre_hooks) for m in parts))
+    def decode_tensors(self) -> tuple[list, list] | None:
+        """The tensors cpu_kernels.decode_layers reads for this block (both norms' weights and the 7
+        projections' weights, in its order; int8 row scales or []), when the block is plain: no
+        adapters (LoRA replaces projections), no hooks (probes) inside, and projections all
+        Linear or all Int8Linear. None otherwise: then the block runs torch's operations.
+        (Reads the module dicts directly: this runs for every block at every decode step.)"""
+        mods = self._modules
+        ln1, att, ln2, mlp = (mods[n] for n in ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp"))
+        if type(att) is not Attention or type(mlp) is not MLP or type(ln1) is not RMSNorm or type(ln2) is not RMSNorm:
+            return None
+        projections = [att._modules[n] for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
+        projections += [mlp._modules[n] for n in ("gate_proj", "up_proj", "down_proj")]
+        for m in (ln1, att, ln2, mlp, *projections):
+            if m._forward_hooks or m._forward_pre_hooks:
+                return None
+        kinds = {type(m) for m in projections}
+        if kinds == {Linear}:
+            ws, scales = [m._parameters["weight"] for m in projections], []
+        elif kinds == {Int8Linear}:
+            ws, scales = [m._buffers["qweight"] for m in projections], [m._buffers["scale"] for m in projections]
+        else:
+            return None
+        return [ln1._parameters["weight"], *ws[:4], ln2._parameters["weight"], *ws[4:]], scales
 
     def forward(self, x, cos, sin, mask, cache):
-        if cpu_kernels.use_block_step(x, mask, cache) and self.plain():
-            return cpu_kernels.block_step(self, x, cos, sin, cache, mask)  # CPU decode: the same sums, 7 calls
+        if cpu_kernels.use_decode_step(x, cache) and (tensors := self.decode_tensors()) is not None:
+            # CPU decode: the same sums in one call
+            return cpu_kernels.decode_layers(x, *tensors, cos, sin, cache, self.self_attn, self.input_layernorm.eps, mask)
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -243,6 +259,19 @@ class LlamaDecoder(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
+    def decode_tensors(self) -> tuple[list, list] | None:
+        """All blocks' Block.decode_tensors, concatenated, when every block is plain, carries no hooks
+        of its own and all have one kind of projection: then a CPU decode step runs through all
+        of them in one cpu_kernels call. None otherwise."""
+        weights, scales = [], []
+        for block in self.layers:
+            tensors = None if block._forward_hooks or block._forward_pre_hooks else block.decode_tensors()
+            if tensors is None or (weights and bool(scales) != bool(tensors[1])):
+                return None
+            weights += tensors[0]
+            scales += tensors[1]
+        return weights, scales
+
     def forward(self, embeds: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 cache: KVCache | None = None, hidden_states: list | None = None) -> torch.Tensor:
         """embeds (B, T, C) -> final hidden states (B, T, C), after the last norm.
@@ -266,12 +295,17 @@ class LlamaDecoder(nn.Module):
         mask = None if plain else build_mask(valid, T)
         cos, sin = self.rotary(positions, embeds.dtype)
         x = embeds
-        if hidden_states is not None:
-            hidden_states.append(x)
-        for block in self.layers:
-            x = block(x, cos, sin, mask, cache)
+        if (hidden_states is None and cpu_kernels.use_decode_step(x, cache)
+                and (tensors := self.decode_tensors()) is not None):  # CPU decode: all blocks, one call
+            x = cpu_kernels.decode_layers(x, *tensors, cos, sin, cache, self.layers[0].self_attn,
+                                          self.layers[0].input_layernorm.eps, mask)
+        else:
             if hidden_states is not None:
                 hidden_states.append(x)
+            for block in self.layers:
+                x = block(x, cos, sin, mask, cache)
+                if hidden_states is not None:
+                    hidden_states.append(x)
         if cache is not None:
             cache.commit(T)
         return self.norm(x)

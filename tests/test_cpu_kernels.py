@@ -1,4 +1,4 @@
-"""The AVX2 decode kernels (matrix-vector products, RMSNorm, rotary + cache + attention) against torch, and their use by llama.py."""
+"""The AVX2 decode kernels (matrix-vector products; a decode step through the decoder blocks) against torch, and their use by llama.py."""
 
 import pytest
 import torch
@@ -41,7 +41,7 @@ def test_linear_uses_it_for_bf16_decode_only(monkeypatch):
     assert len(calls) == 1
 
 
-# --- the decode-step kernels: gemv over several weights, rmsnorm, rope + cache + attention ------
+# --- the decode-step kernels: gemv over several weights; decode_layers -------------------------
 
 def _rand(g, *shape, dtype=torch.float32):
     return torch.randn(*shape, generator=g).to(dtype)
@@ -65,19 +65,6 @@ def test_gemv_of_several_weights_and_swiglu_match_torch(dtype):
     assert y.shape == (3, 10) and torch.allclose(y.float(), ref.float(), rtol=2.0 ** -6, atol=1e-3)
     with pytest.raises(RuntimeError, match=r"\(N, 75\)"):
         m.gemv(x, [_rand(g, 4, 74, dtype=dtype)], [], False)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rmsnorm_matches_the_module(dtype):
-    g = torch.Generator().manual_seed(2)
-    norm = llama.RMSNorm(96, 1e-5).to(dtype)
-    with torch.no_grad():
-        norm.weight.copy_(_rand(g, 96, dtype=dtype))
-    x = _rand(g, 4, 96, dtype=dtype) * 3
-    ref = norm(x)
-    got = cpu_kernels._module().rmsnorm(x, norm.weight.detach(), norm.eps)
-    ulp = 1e-6 if dtype == torch.float32 else 2.0 ** -7  # relative: fp32 order noise, or one bf16 step
-    assert ((got.float() - ref.float()).abs() <= ulp * ref.float().abs().clamp(min=1e-2)).all()
 
 
 def _decoder(dtype, seed=0):
@@ -113,7 +100,7 @@ def _decode(dec, dtype, steps, kernels: bool, monkeypatch, padded: bool = False)
 
 @pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_block_step_equals_the_torch_path(dtype, padded, monkeypatch):
+def test_decode_layers_equals_the_torch_path(dtype, padded, monkeypatch):
     """Five decode steps of a 3-layer GQA decoder (batch 2, one row left-padded or none): hidden
     states and the cache written by the kernels against llama.Block's torch operations. fp32:
     1e-5; bf16: two bf16 steps (2^-6) of the largest value, since roundings may land on either side."""
@@ -125,24 +112,61 @@ def test_block_step_equals_the_torch_path(dtype, padded, monkeypatch):
         assert (a - b).abs().max() <= tol * b.abs().max()
 
 
-def test_block_step_runs_for_decode_only_and_steps_aside_for_hooks(monkeypatch):
+def test_decode_layers_runs_once_per_token_and_block_by_block_for_hooks(monkeypatch):
     dec = _decoder(torch.float32)
     calls = []
-    real = cpu_kernels.block_step
-    monkeypatch.setattr(cpu_kernels, "block_step", lambda *a: calls.append(1) or real(*a))
-    _decode(dec, torch.float32, 2, True, monkeypatch)  # prefill: torch; two decode steps: kernels
-    assert len(calls) == 2 * dec.cfg.num_hidden_layers
+    real = cpu_kernels.decode_layers
+    monkeypatch.setattr(cpu_kernels, "decode_layers", lambda x, ws, *a: calls.append(len(ws) // 9) or real(x, ws, *a))
+    _decode(dec, torch.float32, 2, True, monkeypatch)  # prefill: torch; two decode steps: one call each
+    assert calls == [3, 3]
     handle = dec.layers[1].self_attn.q_proj.register_forward_hook(lambda *a: None)  # a probe
     calls.clear()
     _decode(dec, torch.float32, 2, True, monkeypatch)
     handle.remove()
-    assert len(calls) == 2 * (dec.cfg.num_hidden_layers - 1)  # the hooked block ran torch's path
+    assert calls == [1, 1, 1, 1]  # block by block, and the hooked block ran torch's path
+    handle = dec.layers[2].register_forward_hook(lambda *a: None)  # a hook on a whole block
+    calls.clear()
+    _decode(dec, torch.float32, 1, True, monkeypatch)
+    handle.remove()
+    assert calls == [1, 1, 1]  # block by block, so that the hook sees its block's output
     with torch.enable_grad():  # training: always torch's path
         calls.clear()
         from llava_core.kv_cache import KVCache
         cache = KVCache.for_model(dec.cfg, 1, 8, torch.float32, "cpu")
         dec(torch.randn(1, 1, 128), cache=cache)
         assert calls == []
+
+
+def test_decode_layers_block_by_block_gives_the_same_hidden_states(monkeypatch):
+    """With hidden_states requested (probes), each block runs its own call; the last state and the
+    cache equal those of one call for all blocks, bit for bit (the same sums in the same order)."""
+    from llava_core.kv_cache import KVCache
+    dec = _decoder(torch.bfloat16)
+    x = _rand(torch.Generator().manual_seed(5), 2, 1, 128, dtype=torch.bfloat16)
+    outs = []
+    for states in (None, []):
+        cache = KVCache.for_model(dec.cfg, 2, 8, torch.bfloat16, "cpu")
+        with torch.inference_mode():
+            outs.append((dec(x, cache=cache, hidden_states=states), cache.k.clone(), cache.v.clone()))
+    assert len(states) == dec.cfg.num_hidden_layers + 1
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+
+
+def test_decode_layers_names_the_block_and_projection_at_fault():
+    m = cpu_kernels._module()
+    dec = _decoder(torch.float32)
+    ws = []
+    for b in dec.layers:
+        att, mlp = b.self_attn, b.mlp
+        ws += [b.input_layernorm.weight, att.q_proj.weight, att.k_proj.weight, att.v_proj.weight, att.o_proj.weight,
+               b.post_attention_layernorm.weight, mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight]
+    ws = [w.detach() for w in ws]
+    ws[9 + 7] = ws[9 + 7][:, :100]  # block 1's up_proj cut short
+    k = torch.zeros(3, 1, 2, 8, 16)
+    args = (torch.zeros(1, 128), ws, [], k, k.clone(), 0, torch.zeros(1, 16), torch.zeros(1, 16), 0, 0.25, 1e-5, None)
+    with pytest.raises(RuntimeError, match=r"block 1's up_proj must be a contiguous \(344, 128\)"):
+        m.decode_layers(*args)
 
 
 # --- optional weight-only int8 ------------------------------------------------------------------
@@ -165,9 +189,9 @@ def test_int8_linear_rounds_within_half_a_step_and_the_kernel_matches_its_dequan
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_int8_block_step_equals_the_torch_path(dtype, monkeypatch):
+def test_int8_decode_layers_equals_the_torch_path(dtype, monkeypatch):
     dec = llama.quantize_int8(_decoder(dtype))
-    assert all(b.plain() and type(b.mlp.down_proj) is llama.Int8Linear for b in dec.layers)
+    assert all(b.decode_tensors() is not None and type(b.mlp.down_proj) is llama.Int8Linear for b in dec.layers)
     fast = _decode(dec, dtype, 3, True, monkeypatch)
     plain = _decode(dec, dtype, 3, False, monkeypatch)  # Int8Linear's dequantised fp32 products
     for a, b in zip(fast, plain):
