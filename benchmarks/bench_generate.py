@@ -10,8 +10,12 @@ count, and prints for one 336x336 image and a 32-token question:
   - time to first token (vision + prefill + first token) and decode tokens/s, both sides;
   - the decode memory-bandwidth bound: decoder weight bytes read per token / the read
     bandwidth of a large fp32 `sum` measured in the same run, and our decode as % of it;
+  - on the CPU, the compute floor of the first token: its FLOPs / the rate of an fp32 matmul
+    of the decoder MLP's shape measured in the same run, and both libraries against it;
   - chat turn-2 time to first token with the kept cache vs re-prefilling everything.
-Every figure is the median of --repeats runs. Decode length is forced (no EOS stop).
+Every figure is the median of --repeats runs, ours and transformers' run in pairs back to back
+(a slow spell of a shared machine hits both sides of a pair); the ratios are the medians of
+the pairs' ratios. Decode length is forced (no EOS stop).
 """
 
 from __future__ import annotations
@@ -96,6 +100,35 @@ def decoder_bytes(model) -> int:
     return sum(t.numel() * t.element_size() for t in seen.values())
 
 
+def prefill_flops(model, n_prompt: int) -> float:
+    """FLOPs (2 per multiply-add) a first token needs: the vision tower's blocks up to the feature
+    layer over its patches and class token, the projector, the decoder over the n_prompt-token
+    prompt (products and attention), and the lm_head for the last position."""
+    vt, lm = model.vision_tower.visual, model.language_model
+    n_vis = model.cfg.num_image_tokens + 1  # patches + class token
+    blocks = vt.transformer.resblocks[:max(model.vision_tower.block_indices) + 1]
+    vis = sum(p.numel() for p in blocks.parameters() if p.dim() == 2) * n_vis
+    vis += 2 * n_vis * n_vis * vt.transformer.width * len(blocks)  # q.k and attention.v
+    proj = sum(p.numel() for p in model.projector.parameters() if p.dim() == 2) * model.cfg.num_image_tokens
+    att = lm.layers[0].self_attn
+    dec = sum(p.numel() for p in lm.layers.parameters() if p.dim() == 2) * n_prompt
+    dec += 2 * n_prompt * n_prompt * att.n_heads * att.head_dim * len(lm.layers) / 2  # causal: half the pairs
+    return 2 * (vis + proj + dec + lm.lm_head.weight.numel())
+
+
+def matmul_rate(model, n_prompt: int) -> float:
+    """GFLOP/s of one fp32 product of the decoder MLP's shape over the prompt (MKL on the CPU),
+    best of 3: the rate both libraries' prefill runs at on a CPU without native bf16."""
+    cfg = model.cfg.text
+    x, w = torch.randn(n_prompt, cfg.hidden_size), torch.randn(cfg.intermediate_size, cfg.hidden_size)
+    best = float("inf")
+    for _ in range(4):
+        t = time.perf_counter()
+        torch.nn.functional.linear(x, w)
+        best = min(best, time.perf_counter() - t)
+    return 2 * x.shape[0] * w.numel() / best / 1e9
+
+
 def prompt(processor, n_question_tokens: int = 32):
     from PIL import Image
 
@@ -109,30 +142,34 @@ def prompt(processor, n_question_tokens: int = 32):
     return question, image
 
 
-def time_ours(model, processor, question, image, new_tokens, device, repeats, cuda_graph=True):
+def run_ours(model, processor, question, image, new_tokens, device, cuda_graph=True) -> tuple[float, float, int]:
+    """One generation: (time to first token, decode tokens/s, prompt tokens)."""
     from llava_core.generate import SamplingParams, decode_loop, prefill
 
     enc = processor(text=[processor.prompt(question)], images=[image])
     ids = enc["input_ids"].to(device)
     px = enc["pixel_values"].to(device, model.dtype)
     params = SamplingParams(max_new_tokens=new_tokens)
-    ttft, tps = [], []
     with torch.inference_mode():
-        for _ in range(repeats + 1):  # the first run warms up
-            cache = model.new_cache(1, ids.shape[1] + new_tokens)
-            sync(device)
-            t0 = time.perf_counter()
-            logits = prefill(model, ids, cache, px)
-            steps = decode_loop(model, logits, cache, params, eos_token_ids=[], cuda_graph=cuda_graph)
-            next(steps)
-            sync(device)
-            t1 = time.perf_counter()
-            n = sum(1 for _ in steps)
-            sync(device)
-            t2 = time.perf_counter()
-            ttft.append(t1 - t0)
-            tps.append(n / (t2 - t1))
-    return statistics.median(ttft[1:]), statistics.median(tps[1:]), ids.shape[1]
+        cache = model.new_cache(1, ids.shape[1] + new_tokens)
+        sync(device)
+        t0 = time.perf_counter()
+        logits = prefill(model, ids, cache, px)
+        steps = decode_loop(model, logits, cache, params, eos_token_ids=[], cuda_graph=cuda_graph)
+        next(steps)
+        sync(device)
+        t1 = time.perf_counter()
+        n = sum(1 for _ in steps)
+        sync(device)
+        t2 = time.perf_counter()
+    return t1 - t0, n / (t2 - t1), ids.shape[1]
+
+
+def time_ours(model, processor, question, image, new_tokens, device, repeats, cuda_graph=True):
+    """Medians of `repeats` generations after one warm-up: (TTFT, decode tokens/s, prompt tokens)."""
+    runs = [run_ours(model, processor, question, image, new_tokens, device, cuda_graph)
+            for _ in range(repeats + 1)][1:]
+    return statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs), runs[0][2]
 
 
 class _Clock:
@@ -151,23 +188,19 @@ class _Clock:
         pass
 
 
-def time_hf(hf, processor, question, image, new_tokens, device, repeats):
-    """transformers' generate, timed per token through a streamer: TTFT = start -> first new
-    token, decode = tokens after the first / time between the first and the last."""
+def run_hf(hf, processor, question, image, new_tokens, device) -> tuple[float, float]:
+    """One transformers `generate`, timed per token through a streamer: (TTFT = start -> first
+    new token, decode = tokens after the first / time between the first and the last)."""
     enc = processor(text=[processor.prompt(question)], images=[image])
     kw = dict(input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device),
               pixel_values=enc["pixel_values"].to(device, hf.dtype), do_sample=False, pad_token_id=0,
               max_new_tokens=new_tokens, min_new_tokens=new_tokens)
-    ttft, tps = [], []
     with torch.inference_mode():
-        for _ in range(repeats + 1):
-            clock = _Clock(device)
-            sync(device)
-            t0 = time.perf_counter()
-            hf.generate(**kw, streamer=clock)
-            ttft.append(clock.times[0] - t0)
-            tps.append((len(clock.times) - 1) / (clock.times[-1] - clock.times[0]))
-    return statistics.median(ttft[1:]), statistics.median(tps[1:])
+        clock = _Clock(device)
+        sync(device)
+        t0 = time.perf_counter()
+        hf.generate(**kw, streamer=clock)
+    return clock.times[0] - t0, (len(clock.times) - 1) / (clock.times[-1] - clock.times[0])
 
 
 def time_chat(model, processor, image, device, repeats):
@@ -234,11 +267,23 @@ def main(argv=None):
         from llava_core.llama import quantize_int8
         quantize_int8(model.language_model)
         print("llava_core runs with weight-only int8 decoder projections and lm_head (--int8)")
-    ttft, tps, n_prompt = time_ours(model, processor, question, image, args.new_tokens, args.device, args.repeats)
+    hf = None
+    if not args.skip_hf:
+        hf = LlavaForConditionalGeneration.from_pretrained(folder, dtype=dtype).to(args.device).eval()
+    # Paired runs, ours then transformers' back to back, after one warm-up each: a slow spell of
+    # a shared machine then slows both sides of a pair, and the ratio is the median of the pairs'.
+    ours, theirs = [], []
+    for i in range(args.repeats + 1):
+        ours.append(run_ours(model, processor, question, image, args.new_tokens, args.device))
+        if hf is not None:
+            theirs.append(run_hf(hf, processor, question, image, args.new_tokens, args.device))
+    ours, theirs = ours[1:], theirs[1:]
+    ttft, tps, n_prompt = statistics.median(r[0] for r in ours), statistics.median(r[1] for r in ours), ours[0][2]
     bw = read_bandwidth(args.device)
     weight_bytes = decoder_bytes(model)
     bound = bw * 1e9 / weight_bytes
-    print(f"prompt: {n_prompt} tokens ({model.cfg.num_image_tokens} image tokens), {args.new_tokens} new tokens")
+    print(f"prompt: {n_prompt} tokens ({model.cfg.num_image_tokens} image tokens), {args.new_tokens} new tokens; "
+          f"medians of {args.repeats} runs")
     print(f"llava_core    TTFT {ttft:7.3f} s   decode {tps:7.2f} tok/s")
     if args.device.startswith("cuda"):
         e_ttft, e_tps, _ = time_ours(model, processor, question, image, args.new_tokens, args.device,
@@ -246,15 +291,21 @@ def main(argv=None):
         print(f"llava_core, eager decode (cuda_graph=False): TTFT {e_ttft:7.3f} s   decode {e_tps:7.2f} tok/s")
     print(f"bandwidth bound: {weight_bytes / 1e9:.3f} GB/token at {bw:.1f} GB/s (fp32 sum) = {bound:.2f} tok/s; "
           f"llava_core decode = {100 * tps / bound:.0f}% of it")
+    floor = None
+    if args.device == "cpu":
+        flops, rate = prefill_flops(model, n_prompt), matmul_rate(model, n_prompt)
+        floor = flops / rate / 1e9
+        print(f"compute floor of the first token: {flops / 1e12:.3f} TFLOP at {rate:.0f} GFLOP/s (an fp32 "
+              f"matmul of the MLP's shape, this run) = {floor:.2f} s; llava_core TTFT = {ttft / floor:.2f}x it")
     kept, fresh = time_chat(model, processor, image, args.device, args.repeats)
     print(f"chat turn 2 TTFT: kept cache {kept:.3f} s, full re-prefill {fresh:.3f} s ({fresh / kept:.1f}x)")
-    del model
-    if not args.skip_hf:
-        hf = LlavaForConditionalGeneration.from_pretrained(folder, dtype=dtype).to(args.device).eval()
-        hf_ttft, hf_tps = time_hf(hf, processor, question, image, args.new_tokens, args.device, args.repeats)
-        print(f"transformers  TTFT {hf_ttft:7.3f} s   decode {hf_tps:7.2f} tok/s")
-        print(f"ratio: TTFT {ttft / hf_ttft:.2f}x transformers' (lower is better), "
-              f"decode {tps / hf_tps:.2f}x transformers'")
+    if hf is not None:
+        hf_ttft, hf_tps = statistics.median(r[0] for r in theirs), statistics.median(r[1] for r in theirs)
+        print(f"transformers  TTFT {hf_ttft:7.3f} s   decode {hf_tps:7.2f} tok/s"
+              + (f"   (TTFT = {hf_ttft / floor:.2f}x the compute floor)" if floor else ""))
+        print(f"ratio (median over the pairs): TTFT "
+              f"{statistics.median(o[0] / t[0] for o, t in zip(ours, theirs)):.2f}x transformers' (lower is better), "
+              f"decode {statistics.median(o[1] / t[1] for o, t in zip(ours, theirs)):.2f}x transformers'")
     return 0
 
 

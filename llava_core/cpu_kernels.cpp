@@ -316,6 +316,24 @@ struct Step {  // the shapes and the cache slot of one decode step
   const bool* mask;  // (B, slot + 1) or null
 };
 
+// exp of 8 floats, to within a few fp32 ulps (Cephes' expf: x = n ln2 + r, a degree-6 polynomial
+// in r, times 2^n). Below -87 (and -inf: masked slots) it gives 0.
+static inline __m256 exp8(__m256 x) {
+  const __m256 lo = _mm256_set1_ps(-87.0f);
+  const __m256 gone = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+  x = _mm256_max_ps(x, lo);
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);  // ln2 in two parts
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  for (float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(c));
+  y = _mm256_add_ps(_mm256_fmadd_ps(y, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0f));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_andnot_ps(gone, _mm256_mul_ps(y, _mm256_castsi256_ps(e)));
+}
+
 // Row b's kv head g: rotate its new key, write key and value at `slot`, then attend with the
 // group's query heads over the slots the mask allows. q (B, H*D), k/v (B, Hkv*D) -> y (B, H*D).
 template <typename T>
@@ -340,12 +358,33 @@ static void attend_group(const Step& st, int64_t layer, int64_t b, int64_t g, co
       p[j] = (!readable || readable[j]) ? dot(qr, keys + j * D, D) * st.scale : -INFINITY;
       mx = std::max(mx, p[j]);
     }
+    // softmax weights, unnormalised (a query always reads its own slot, so mx is finite)
     float total = 0.f;
-    for (int64_t j = 0; j < n; ++j) { p[j] = std::exp(p[j] - mx); total += p[j]; }
-    std::fill(acc, acc + D, 0.f);
-    for (int64_t j = 0; j < n; ++j) {
-      const T* vr = vals + j * D;
-      for (int64_t i = 0; i < D; ++i) acc[i] += p[j] * load1(vr + i);
+    int64_t j = 0;
+    __m256 tot = _mm256_setzero_ps();
+    for (; j + 8 <= n; j += 8) {
+      const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p + j), _mm256_set1_ps(mx)));
+      _mm256_storeu_ps(p + j, e);
+      tot = _mm256_add_ps(tot, e);
+    }
+    total = hsum(tot);
+    for (; j < n; ++j) { p[j] = std::exp(p[j] - mx); total += p[j]; }
+    // sum of p[j] * value j, 64 dimensions at a time in eight registers
+    for (int64_t c = 0; c < D; c += 64) {
+      if (c + 64 <= D) {
+        __m256 a[8];
+        for (auto& v : a) v = _mm256_setzero_ps();
+        for (int64_t j = 0; j < n; ++j) {
+          const __m256 pj = _mm256_set1_ps(p[j]);
+          const T* vr = vals + j * D + c;
+          for (int i = 0; i < 8; ++i) a[i] = _mm256_fmadd_ps(pj, load8(vr + 8 * i), a[i]);
+        }
+        for (int i = 0; i < 8; ++i) _mm256_storeu_ps(acc + c + 8 * i, a[i]);
+      } else {
+        std::fill(acc + c, acc + D, 0.f);
+        for (int64_t j = 0; j < n; ++j)
+          for (int64_t i = c; i < D; ++i) acc[i] += p[j] * load1(vals + j * D + i);
+      }
     }
     for (int64_t i = 0; i < D; ++i) y[(b * st.H + hq) * D + i] = round_as<T>(acc[i] / total);
   }
