@@ -26,9 +26,10 @@ where torch rounds); only summation order differs (tests/test_cpu_kernels.py che
 against each other, and the greedy tokens against transformers).
 
 Built with torch.utils.cpp_extension the first time it is needed (about a minute; cached
-under ~/.cache/torch_extensions after that, rebuilt when the .cpp changes). Where the CPU lacks AVX2/FMA, no compiler is
-found or the build fails, `available()` is False and llama.py keeps torch's path. Set
-LLAVA_CORE_CPU_KERNELS=0 to use torch's path always (for reading, or to compare).
+under ~/.cache/torch_extensions after that, rebuilt when the .cpp changes). Where the CPU
+lacks AVX2/FMA, no compiler is found or the build fails, `available()` is False and llama.py
+keeps torch's path. Set LLAVA_CORE_CPU_KERNELS=0 to use torch's path always (for reading, or
+to compare).
 """
 
 from __future__ import annotations
