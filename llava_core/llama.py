@@ -36,28 +36,24 @@ def slow_bf16(x: torch.Tensor) -> bool:
     return x.dtype == torch.bfloat16 and x.device.type == "cpu" and not cpu_has_fast_bf16()
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, except on the CPU:
+class Linear(nn.Linear):
+    """nn.Linear (same weights, same names), except on the CPU:
     - bf16 on a CPU without native bf16: a product over many tokens runs in fp32 (the same
       products, rounded to bf16 once at the end, about 6x faster for a prefill), and a few-token
       one (decode) goes through cpu_kernels' AVX2 kernel, which streams the weights at memory speed;
     - fp32 decode with a large weight (the lm_head): the same kernel read 1.5-1.8x the bytes per
       second of torch's here (benchmarks/README.md); small fp32 weights keep torch's product."""
-    if slow_bf16(x):
-        if x.shape[:-1].numel() >= 16:
-            return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
-        if weight.dtype == torch.bfloat16 and cpu_kernels.decode_product(x):
-            return cpu_kernels.linear(x, weight, bias)
-    elif x.dtype == torch.float32 and weight.numel() >= 1 << 22 and cpu_kernels.decode_product(x):
-        return cpu_kernels.linear(x, weight, bias)  # 16 MB and more: the lm_head
-    return F.linear(x, weight, bias)
-
-
-class Linear(nn.Linear):
-    """nn.Linear (same weights, same names) whose product is `linear` above."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+        if slow_bf16(x):
+            if x.shape[:-1].numel() >= 16:
+                bias = None if self.bias is None else self.bias.float()
+                return F.linear(x.float(), self.weight.float(), bias).to(x.dtype)
+            if self.weight.dtype == torch.bfloat16 and cpu_kernels.decode_product(x):
+                return cpu_kernels.linear(x, self.weight, self.bias)
+        elif x.dtype == torch.float32 and self.weight.numel() >= 1 << 22 and cpu_kernels.decode_product(x):
+            return cpu_kernels.linear(x, self.weight, self.bias)  # 16 MB and more: the lm_head
+        return F.linear(x, self.weight, self.bias)
 
 
 class Int8Linear(nn.Module):

@@ -12,37 +12,10 @@ from functools import partial
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from open_clip.transformer import LayerNorm, QuickGELU, VisionTransformer
 
 from .config import VisionConfig
-from .llama import Linear, linear, slow_bf16
-
-
-class SelfAttention(nn.MultiheadAttention):
-    """nn.MultiheadAttention (same parameters, same names) whose self-attention goes through
-    scaled_dot_product_attention. On the CPU the native path's batched matmuls and softmax took
-    0.9 s of a 3.5-4 s fp32 ViT-L/14-336 forward here; bf16 on a CPU without native bf16 also
-    gets fp32 products (llama.linear) and fp32 attention. Anything else (attention weights asked
-    for, cross-attention, a padding mask) takes nn.MultiheadAttention's own path."""
-
-    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None, **kw):
-        if (need_weights or key is not query or value is not query or key_padding_mask is not None or kw
-                or not self.batch_first or not self._qkv_same_embed_dim):
-            return super().forward(query, key, value, key_padding_mask=key_padding_mask,
-                                   need_weights=need_weights, attn_mask=attn_mask, **kw)
-        B, T, C = query.shape
-        H = self.num_heads
-        qkv = linear(query, self.in_proj_weight, self.in_proj_bias)  # (B, T, 3C)
-        q, k, v = qkv.view(B, T, 3, H, C // H).permute(2, 0, 3, 1, 4)  # each (B, H, T, D)
-        dtype = q.dtype
-        if slow_bf16(q):
-            q, k, v = q.float(), k.float(), v.float()
-            attn_mask = None if attn_mask is None or attn_mask.dtype == torch.bool else attn_mask.float()
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
-                                           dropout_p=self.dropout if self.training else 0.0)  # (B, H, T, D)
-        y = y.to(dtype).transpose(1, 2).reshape(B, T, C)
-        return self.out_proj(y), None
+from .llama import Linear
 
 
 class VisionTower(nn.Module):
@@ -63,10 +36,9 @@ class VisionTower(nn.Module):
         )
         assert self.visual.transformer.resblocks[0].mlp.c_fc.out_features == cfg.intermediate_size
         self.visual.proj = None  # CLIPVisionModel has no output projection; LLaVA never uses it
-        for block in self.visual.transformer.resblocks:  # bf16 products in fp32 on CPUs without bf16
-            for lin in (block.mlp.c_fc, block.mlp.c_proj, block.attn.out_proj):
+        for block in self.visual.transformer.resblocks:  # the MLP's two thirds of the FLOPs: bf16
+            for lin in (block.mlp.c_fc, block.mlp.c_proj):  # products in fp32 on CPUs without bf16
                 lin.__class__ = Linear  # same parameters and names (llama.Linear is an nn.Linear)
-            block.attn.__class__ = SelfAttention  # the same, through scaled_dot_product_attention
         self.feature_layers = feature_layers
         self.block_indices = [self.block_index(layer) for layer in feature_layers]
 
