@@ -303,6 +303,10 @@ static inline void rotary(const float* x, const T* cos, const T* sin, int64_t D,
   }
 }
 
+// Where a block's 7 projections sit among the 9 tensors decode_layers takes per block
+// (input_layernorm, q, k, v, o, post_attention_layernorm, gate, up, down).
+static constexpr int kProjectionAt[7] = {1, 2, 3, 4, 6, 7, 8};
+
 template <typename W, typename T>
 struct Layer {  // one block's parameters
   const T *ln1, *ln2;  // (C,)
@@ -495,9 +499,8 @@ torch::Tensor decode_layers(torch::Tensor x, std::vector<torch::Tensor> weights,
       TORCH_CHECK(n.dim() == 1 && n.size(0) == st.C && n.is_contiguous() && n.scalar_type() == dt,
                   "decode_layers: block ", l, "'s norm must be (", st.C, ",) in x's dtype, got ", n.sizes());
     }
-    const int slot_of[7] = {1, 2, 3, 4, 6, 7, 8};
     for (int j = 0; j < 7; ++j) {
-      const auto& w = weights[9 * l + slot_of[j]];
+      const auto& w = weights[9 * l + kProjectionAt[j]];
       TORCH_CHECK(w.dim() == 2 && w.size(0) == rows[j] && w.size(1) == cols[j] && w.is_contiguous() && w.scalar_type() == wt,
                   "decode_layers: block ", l, "'s ", names[j], " must be a contiguous (", rows[j], ", ", cols[j], ") matrix of one dtype, got ", w.sizes());
       if (!scales.empty()) {
@@ -515,9 +518,8 @@ torch::Tensor decode_layers(torch::Tensor x, std::vector<torch::Tensor> weights,
     for (int64_t l = 0; l < L; ++l) {
       layers[l].ln1 = weights[9 * l].data_ptr<T>();
       layers[l].ln2 = weights[9 * l + 5].data_ptr<T>();
-      const int slot_of[7] = {1, 2, 3, 4, 6, 7, 8};
       for (int j = 0; j < 7; ++j) {
-        layers[l].w[j] = weights[9 * l + slot_of[j]].data_ptr<W>();
+        layers[l].w[j] = weights[9 * l + kProjectionAt[j]].data_ptr<W>();
         layers[l].s[j] = scales.empty() ? nullptr : scales[7 * l + j].data_ptr<float>();
       }
     }
