@@ -282,6 +282,32 @@ def test_resume_continues_from_the_checkpoint(tmp_path, processor, monkeypatch):
         train_stage2(tmp_path / "cut", tiny_model(processor), processor, other, resume=True, threads=1)
 
 
+def test_resuming_a_loop_its_budget_stopped_takes_no_step(tmp_path):
+    """A stage stopped by its time budget is finished: --resume must not add a step to it."""
+    from llava_core.train.common import train_loop
+
+    w = torch.nn.Parameter(torch.zeros(3))
+    calls = []
+
+    def step_fn(step, total=None):
+        calls.append(step)
+        loss = ((w - 1) ** 2).sum()
+        loss.backward()
+        return {"loss": float(loss.detach()), "samples": 1}
+
+    def run(resume):
+        opt = torch.optim.SGD([w], lr=0.1)
+        cfg = LoopConfig(budget_s=0.0, warmup=0, ckpt_every=0, progress=False)
+        return train_loop("toy", tmp_path, cfg, step_fn, opt, [w], state=lambda: {"w": w.detach().clone()},
+                          load_state=lambda s: w.data.copy_(s["w"]), resume=resume)
+
+    first = run(False)
+    assert first.stopped_by_budget and first.steps == 1 and calls == [0]
+    again = run(True)
+    assert again.steps == 1 and calls == [0], calls
+    assert torch.load(tmp_path / "toy.ckpt", weights_only=False)["done"]
+
+
 # --- the recipe ----------------------------------------------------------------------------------
 
 def test_run_recipe_writes_every_stage_and_the_parts(tmp_path, processor):

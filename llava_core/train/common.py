@@ -216,7 +216,7 @@ def train_loop(name: str, out_dir: str | Path, cfg: LoopConfig, step_fn: Callabl
     ckpt_path = out_dir / f"{name}.ckpt"
     for g in optimizer.param_groups:
         g.setdefault("base_lr", g["lr"])
-    start, total, elapsed0 = 0, cfg.steps, 0.0
+    start, total, elapsed0, ended = 0, cfg.steps, 0.0, False
     if resume and ckpt_path.is_file():
         ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         differ = config_differences(ck.get("meta", {}), meta or {})
@@ -227,16 +227,17 @@ def train_loop(name: str, out_dir: str | Path, cfg: LoopConfig, step_fn: Callabl
         optimizer.load_state_dict(ck["optimizer"])
         set_rng_state(ck["rng"])
         start, total, elapsed0 = ck["step"], ck["total"], ck["elapsed_s"]
+        ended = ck.get("done", False)  # the loop had stopped (budget, schedule or stop_at), not crashed
         log.info("%s: resumed from %s at step %d of %s", name, ckpt_path, start, total)
     elif resume:
         log.info("%s: --resume but no %s; starting from step 0", name, ckpt_path)
     metrics = MetricsLog(out_dir / f"{name}.jsonl", enabled=dist.main, resume_step=start if start else None)
 
-    def save(step: int) -> None:
+    def save(step: int, done: bool = False) -> None:
         if dist.main:
             atomic_torch_save({"step": step, "total": total, "elapsed_s": elapsed0 + time.perf_counter() - t0,
                                "state": state(), "optimizer": optimizer.state_dict(), "rng": rng_state(),
-                               "loop": asdict(cfg), "meta": meta or {}}, ckpt_path)
+                               "loop": asdict(cfg), "meta": meta or {}, "done": done}, ckpt_path)
         dist.barrier()
 
     bar = None
@@ -249,7 +250,8 @@ def train_loop(name: str, out_dir: str | Path, cfg: LoopConfig, step_fn: Callabl
     step, stopped = start, False
     while (total is None or step < total) and (cfg.stop_at is None or step < cfg.stop_at):
         elapsed = elapsed0 + time.perf_counter() - t0
-        if cfg.budget_s is not None and elapsed > cfg.budget_s and step > start:
+        # a fresh or crashed run takes at least one step; one its budget stopped takes none more
+        if cfg.budget_s is not None and elapsed > cfg.budget_s and (step > start or ended):
             stopped = True
             log.info("%s: time budget %.0f s spent at step %d of %s", name, cfg.budget_s, step, total)
             break
@@ -297,7 +299,7 @@ def train_loop(name: str, out_dir: str | Path, cfg: LoopConfig, step_fn: Callabl
         bar.close()
     if total is None:  # stopped by the budget before calibration finished
         total = step
-    save(step)
+    save(step, done=True)
     elapsed = elapsed0 + time.perf_counter() - t0
     if dist.main:
         plot_curve(metrics.rows, out_dir / f"{name}.png", title=f"{name}: loss per step")

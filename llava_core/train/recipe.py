@@ -136,7 +136,7 @@ def _finished(ckpt: Path) -> bool:
     if not ckpt.is_file():
         return False
     ck = torch.load(ckpt, map_location="cpu", weights_only=False)
-    return ck["total"] is not None and ck["step"] >= ck["total"]
+    return ck.get("done", False) or (ck["total"] is not None and ck["step"] >= ck["total"])
 
 
 def _build_default(recipe: Recipe):
