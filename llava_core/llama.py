@@ -247,6 +247,20 @@ def build_mask(valid: torch.Tensor, T: int) -> torch.Tensor:
     return ((causal[None] & valid[:, None, :]) | (k_slot == q_slot)[None])[:, None]  # (B, 1, T, S)
 
 
+def segment_mask(segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Segment ids (B, T) -> boolean mask (B, 1, T, T) and positions (B, T) for packed turns.
+
+    Segment 0 is a prefix every token reads (system prompt, image); a token of segment k > 0
+    reads the prefix and the earlier tokens of its own segment only, at the position it
+    would have if its segment followed the prefix alone. So k questions about one image,
+    laid out one after another, are answered exactly as k separate sequences would be."""
+    T = segments.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=segments.device).tril()  # (T, S)
+    seen = (segments[:, :, None] == segments[:, None, :]) | (segments[:, None, :] == 0)  # (B, T, S)
+    mask = causal[None] & seen  # (B, T, S)
+    return mask[:, None], mask.sum(-1) - 1
+
+
 class LlamaDecoder(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
@@ -273,15 +287,22 @@ class LlamaDecoder(nn.Module):
         return weights, scales
 
     def forward(self, embeds: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                cache: KVCache | None = None, hidden_states: list | None = None) -> torch.Tensor:
+                cache: KVCache | None = None, hidden_states: list | None = None,
+                segments: torch.Tensor | None = None) -> torch.Tensor:
         """embeds (B, T, C) -> final hidden states (B, T, C), after the last norm.
 
         attention_mask (B, T) marks real tokens (1) and left padding (0) among the new
         tokens. With a cache, the new tokens follow what it already holds. If a list is
         given as `hidden_states`, the input and each block's output are appended to it.
+        segments (B, T), training only: packed independent turns (see segment_mask).
         """
         B, T, _ = embeds.shape
-        if cache is not None:
+        mask = None
+        if segments is not None:
+            if cache is not None or attention_mask is not None:
+                raise ValueError("segments: packed turns take neither a cache nor an attention_mask")
+            mask, positions = segment_mask(segments)
+        elif cache is not None:
             new = attention_mask if attention_mask is not None else embeds.new_ones(B, T, dtype=torch.bool)
             positions, valid = cache.begin(new)
             plain = (cache.length == 0 or T == 1) and bool(valid.all())
@@ -292,7 +313,8 @@ class LlamaDecoder(nn.Module):
         else:
             positions = torch.arange(T, device=embeds.device).expand(B, T)
             valid, plain = None, True
-        mask = None if plain else build_mask(valid, T)
+        if segments is None and not plain:
+            mask = build_mask(valid, T)
         cos, sin = self.rotary(positions, embeds.dtype)
         x = embeds
         if (hidden_states is None and cpu_kernels.use_decode_step(x, cache)

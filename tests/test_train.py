@@ -97,18 +97,72 @@ def test_labels_cover_exactly_the_answers(processor):
     assert "red" in text and "3" in text and "colour" not in text and "ASSISTANT" not in text
 
 
-def test_answer_loss_matches_full_logits(processor):
+@pytest.mark.parametrize("mix", ["instruct", {"multiturn": 1.0}])
+def test_answer_loss_matches_full_logits(processor, mix):
+    """The loss is the mean over answers of each answer's mean token loss, from full logits."""
     model = tiny_model(processor)
-    b = batches_mod.ChatBatches(processor, batches_mod.DataConfig(image_size=64), 3, max_len=96, bucket=1)(0)
+    b = batches_mod.ChatBatches(processor, batches_mod.DataConfig(image_size=64, mix=mix), 3, bucket=1)(0)
     feats = model.image_features(b.pixel_values)
-    loss, _ = answer_loss(model, b, feats)
+    loss, metrics = answer_loss(model, b, feats)
     logits = model(b.input_ids, b.pixel_values)  # (B, T, V), full
     per = []
     for row in range(b.size):
-        t = b.labels[row, 1:]
-        keep = t != IGNORE
-        per.append(torch.nn.functional.cross_entropy(logits[row, :-1][keep], t[keep]))
+        t = b.labels[row, 1:].tolist()
+        pos = [i for i, v in enumerate(t) if v != IGNORE]
+        runs = [[pos[0]]]
+        for i in pos[1:]:  # a new answer wherever the labelled positions break
+            if i == runs[-1][-1] + 1:
+                runs[-1].append(i)
+            else:
+                runs.append([i])
+        for r in runs:
+            per.append(torch.nn.functional.cross_entropy(logits[row, r], torch.tensor([t[i] for i in r])))
+    assert metrics["answers"] == len(per)
+    assert len(per) >= (b.size * 2 if "multiturn" in mix else b.size)
     assert torch.allclose(loss, torch.stack(per).mean(), atol=1e-5)
+
+
+def test_packed_turns_give_the_losses_of_separate_samples(processor):
+    """encode_turns + segment_mask: one packed sequence of k questions about an image gives the
+    per-answer losses, and the same hidden states at every answer, as k one-question samples."""
+    from llava_core.data import DataConfig, make_sample
+    from llava_core.train.batches import collate, encode_sample, images_to_tensor
+
+    model = tiny_model(processor)
+    ic = processor.image_cfg
+    samples = [make_sample("train", i, DataConfig(image_size=64), turns=5) for i in range(6)]
+    samples = [s for s in samples if s["independent"]][:2]
+    assert samples and all(len(s["conversation"]) >= 6 for s in samples)  # >= 3 turns each
+    px = images_to_tensor([s["image"] for s in samples], ic.image_mean, ic.image_std)
+    packed = collate([encode_sample(processor, s) for s in samples], px, 0, ["packed"] * len(samples))
+    assert packed.segments is not None and int(packed.segments.max()) >= 3
+    loss, metrics = answer_loss(model, packed, model.image_features(packed.pixel_values))
+
+    singles, images = [], []
+    for s in samples:
+        conv = s["conversation"]
+        for i in range(0, len(conv), 2):
+            singles.append(encode_conversation(processor, conv[i:i + 2]))
+            images.append(s["image"])
+    alone = collate(singles, images_to_tensor(images, ic.image_mean, ic.image_std), 0, ["x"] * len(singles))
+    assert alone.segments is None
+    ref, ref_metrics = answer_loss(model, alone, model.image_features(alone.pixel_values))
+    assert metrics["answers"] == ref_metrics["answers"] == len(singles)
+    assert metrics["tokens"] == ref_metrics["tokens"]
+    assert torch.allclose(loss, ref, atol=1e-5), (float(loss), float(ref))
+    # without the segment mask the turns would read each other and the loss would differ
+    plain = dataclasses.replace(packed, segments=None)
+    assert not torch.allclose(answer_loss(model, plain, model.image_features(px))[0], ref, atol=1e-4)
+
+
+def test_segment_mask_positions():
+    from llava_core.llama import segment_mask
+
+    seg = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2, 0]])  # prefix 3, turn 1 (2 tokens), turn 2 (3), padding
+    mask, pos = segment_mask(seg)
+    assert pos.tolist() == [[0, 1, 2, 3, 4, 3, 4, 5, 3]]
+    assert mask[0, 0, 5].tolist() == [True, True, True, False, False, True, False, False, False]
+    assert mask[0, 0, 4].tolist() == [True, True, True, True, True, False, False, False, False]
 
 
 def test_lr_schedule():

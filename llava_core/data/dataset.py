@@ -31,6 +31,8 @@ INSTRUCT_MIX = {  # stage 2: every task
 }
 CONTRASTIVE_MIX = {"caption_detailed": 1.0}  # (image, caption naming every object) pairs
 MIXES = {"caption": CAPTION_MIX, "instruct": INSTRUCT_MIX, "contrastive": CONTRASTIVE_MIX}
+TEXT_ASKERS = {"ask_ocr": text.ask_ocr, "ask_text_colour": text.ask_text_colour,
+               "ask_text_length": text.ask_text_length}
 MULTITURN_SHAPE_ASKERS = ("colour", "shape", "count", "size", "position", "relation", "yesno")
 _MAX_TRIES = 2000
 
@@ -88,7 +90,24 @@ def _take(rng: random.Random, askers, k: int, *args) -> list:
     return turns
 
 
-def _shape_turns(rng, qtype, split, cfg):
+def _draw(rng: random.Random, weights: dict, askers: dict, k: int, *args, key=lambda t: t[0]) -> list:
+    """k turns drawn with replacement by `weights` (asker name -> weight), a turn whose `key`
+    (default: the question) came before skipped; fewer when the scene runs out of new ones."""
+    names = [n for n, w in weights.items() if w > 0 and n in askers]
+    if not names:
+        return []
+    turns, seen = [], set()
+    for _ in range(4 * k):
+        out = askers[rng.choices(names, [weights[n] for n in names])[0]](rng, *args)
+        if out is not None and key(out) not in seen:
+            seen.add(key(out))
+            turns.append(out)
+        if len(turns) == k:
+            break
+    return turns
+
+
+def _shape_turns(rng, qtype, split, cfg, turns_wanted: int = 0, weights: dict | None = None):
     heldout = split == "heldout"
     ctx = Ask(mention=ALL_PAIRS if heldout else cfg.train_pairs, focus=cfg.heldout_pairs if heldout else ())
     for _ in range(_MAX_TRIES):
@@ -96,7 +115,10 @@ def _shape_turns(rng, qtype, split, cfg):
         if not _in_split(layout_key(layout), split, cfg):
             continue
         objects = make_objects(layout)
-        if qtype == "multiturn":
+        if turns_wanted:
+            turns = _draw(rng, weights, SHAPE_ASKERS, turns_wanted, objects, ctx)
+            ok = len(turns) > 0
+        elif qtype == "multiturn":
             turns = _take(rng, [SHAPE_ASKERS[k] for k in MULTITURN_SHAPE_ASKERS], rng.choice((2, 3)), objects, ctx)
             ok = len(turns) >= 2
         else:
@@ -107,7 +129,7 @@ def _shape_turns(rng, qtype, split, cfg):
     raise RuntimeError(f"no {split} scene for qtype {qtype!r} in {_MAX_TRIES} tries")
 
 
-def _text_turns(rng, qtype, split, cfg, kind):
+def _text_turns(rng, qtype, split, cfg, kind, turns_wanted: int = 0, weights: dict | None = None):
     sample, key = (text.sample_text, text.text_key) if kind == "text" else \
         (document.sample_document, document.document_key)
     for _ in range(_MAX_TRIES):
@@ -116,8 +138,13 @@ def _text_turns(rng, qtype, split, cfg, kind):
             break
     else:
         raise RuntimeError(f"no {split} {kind} scene in {_MAX_TRIES} tries")
+    if turns_wanted:
+        askers = TEXT_ASKERS if kind == "text" else {a.__name__: a for a in document.DOC_ASKERS}
+        w = {n: weights.get(n, 1.0) for n in askers}
+        # one turn per (task, answer): asking for the same word in other words teaches nothing new
+        return meta, _draw(rng, w, askers, turns_wanted, meta, key=lambda t: (t[2], t[1]))
     if kind == "text":
-        askers = (text.ask_ocr, text.ask_text_colour, text.ask_text_length)
+        askers = tuple(TEXT_ASKERS.values())
         if qtype == "ocr":
             return meta, [text.ask_ocr(rng, meta)]
     else:
@@ -155,25 +182,55 @@ def _render(rng, meta, split, cfg) -> Image.Image:
     return img
 
 
-def make_sample(split: str, index: int, config: DataConfig | None = None) -> dict:
-    """Sample `index` of `split`; the same (config, split, index) always gives the same sample."""
+def make_sample(split: str, index: int, config: DataConfig | None = None, turns: int = 1) -> dict:
+    """Sample `index` of `split`; the same (config, split, index, turns) always gives the same sample.
+
+    turns > 1 packs up to that many questions about one image into one sample (qtype "packed",
+    "independent": True): the image is drawn as a shape scene, a word or a document by the
+    mix's total weight for each kind, and every turn's question type by the mix's weights
+    within the kind. The turns are meant to be answered independently, each seeing only the
+    image (batches.encode_turns): a later question often names what an earlier one asked for
+    ("Is the black diamond at the top?" after "What colour is the diamond?"). A draw of
+    "multiturn" still gives a real conversation, whose turns do read each other."""
     cfg = config or DataConfig()
     rng = sample_rng(cfg.seed, split, index)
     mix = cfg.heldout_mix if split == "heldout" else cfg.mix
     if not mix:
         raise ValueError(f"the heldout split draws only shape scenes; mix {cfg.mix} has no shape qtype")
+    if turns < 1:
+        raise ValueError(f"make_sample: turns={turns}, expected >= 1")
     qtype = _weighted(rng, mix)
-    if qtype in SHAPE_ASKERS or (qtype == "multiturn" and (split == "heldout" or rng.random() < 0.6)):
-        meta, turns = _shape_turns(rng, qtype, split, cfg)
+    independent = turns > 1 and qtype != "multiturn"
+    if independent:
+        meta, chosen = _packed_turns(rng, mix, split, cfg, turns)
+        qtype = "packed"
+    elif qtype in SHAPE_ASKERS or (qtype == "multiturn" and (split == "heldout" or rng.random() < 0.6)):
+        meta, chosen = _shape_turns(rng, qtype, split, cfg)
     else:
         kind = {"ocr": "text", "document": "document"}.get(qtype) or rng.choice(("text", "document"))
-        meta, turns = _text_turns(rng, qtype, split, cfg, kind)
+        meta, chosen = _text_turns(rng, qtype, split, cfg, kind)
     image = _render(rng, meta, split, cfg)
     conversation = []
-    for q, a, _ in turns:
+    for q, a, _ in chosen:
         conversation += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
-    meta["tasks"] = [t for _, _, t in turns]
-    return {"image": image, "conversation": conversation, "qtype": qtype, "answer": turns[-1][1], "meta": meta}
+    meta["tasks"] = [t for _, _, t in chosen]
+    return {"image": image, "conversation": conversation, "qtype": qtype, "answer": chosen[-1][1], "meta": meta,
+            "independent": independent}
+
+
+def _packed_turns(rng, mix: dict, split: str, cfg: DataConfig, k: int):
+    """(meta, turns) for make_sample(..., turns=k): up to k questions about one image."""
+    shapes = {q: mix.get(q, 0.0) for q in SHAPE_ASKERS}
+    kinds = {"shapes": sum(shapes.values()), "text": mix.get("ocr", 0.0), "document": mix.get("document", 0.0)}
+    if split == "heldout":
+        kinds.update(text=0.0, document=0.0)
+    if not any(w > 0 for w in kinds.values()):  # a mix of "multiturn" alone never gets here
+        raise ValueError(f"mix {mix} gives no shape, OCR or document question to pack")
+    kind = _weighted(rng, kinds)
+    if kind == "shapes":
+        return _shape_turns(rng, "packed", split, cfg, k, shapes)
+    # reading (the word, the title) weighs more: it is the skill the model lacks most
+    return _text_turns(rng, "packed", split, cfg, kind, k, {"ask_ocr": 2.0, "ask_title": 1.5})
 
 
 class SyntheticDataset:

@@ -46,6 +46,7 @@ def chat_messages(conversation: list[dict]) -> list[dict]:
 class Encoded:
     ids: list[int]  # image placeholder expanded to n_image_tokens ids
     labels: list[int]  # IGNORE except on assistant tokens (answers and their end marker)
+    segments: list[int] | None = None  # packed independent turns: 0 shared prefix, k turn k
 
 
 def encode_conversation(processor, conversation: list[dict], max_len: int | None = None) -> Encoded:
@@ -85,12 +86,45 @@ def encode_conversation(processor, conversation: list[dict], max_len: int | None
     return Encoded(ids, labels)
 
 
+def encode_turns(processor, conversation: list[dict], max_len: int | None = None) -> Encoded:
+    """Independent questions about one image -> one sequence that answers each as if alone.
+
+    Each (question, answer) pair is encoded as its own one-turn conversation; the tokens all
+    of them start with (system prompt, image, ...) are kept once as segment 0, then each
+    turn's remaining tokens follow as segment k. With llama.segment_mask every turn reads the
+    prefix and itself at the positions it would have alone: k answers for the price of one
+    image prefix, and no turn can copy from another."""
+    if len(conversation) < 2 or len(conversation) % 2:
+        raise ValueError(f"encode_turns: expected (user, assistant) pairs, got {len(conversation)} messages")
+    singles = [encode_conversation(processor, conversation[i:i + 2]) for i in range(0, len(conversation), 2)]
+    n = min(len(e.ids) for e in singles)
+    for e in singles[1:]:  # the longest common prefix ...
+        n = next((i for i in range(n) if e.ids[i] != singles[0].ids[i]), n)
+    # ... cut before the token that predicts each turn's first answer token
+    n = min([n] + [next(i for i, t in enumerate(e.labels) if t != IGNORE) - 1 for e in singles])
+    ids, labels, segments = singles[0].ids[:n], [IGNORE] * n, [0] * n
+    for k, e in enumerate(singles, 1):
+        ids += e.ids[n:]
+        labels += e.labels[n:]
+        segments += [k] * (len(e.ids) - n)
+    if max_len is not None and len(ids) > max_len:
+        ids, labels, segments = ids[:max_len], labels[:max_len], segments[:max_len]
+    return Encoded(ids, labels, segments)
+
+
+def encode_sample(processor, sample: dict, max_len: int | None = None) -> Encoded:
+    if sample.get("independent"):
+        return encode_turns(processor, sample["conversation"], max_len)
+    return encode_conversation(processor, sample["conversation"], max_len)
+
+
 @dataclass
 class Batch:
     input_ids: torch.Tensor  # (B, T), right-padded
     labels: torch.Tensor  # (B, T), IGNORE on prompt, image and padding tokens
     pixel_values: torch.Tensor  # (B, 3, H, W)
     qtypes: list[str]
+    segments: torch.Tensor | None = None  # (B, T) when a sample packs independent turns
 
     @property
     def size(self) -> int:
@@ -101,10 +135,15 @@ def collate(encoded: list[Encoded], pixel_values: torch.Tensor, pad_id: int, qty
     T = max(len(e.ids) for e in encoded)
     ids = torch.full((len(encoded), T), pad_id, dtype=torch.long)
     labels = torch.full((len(encoded), T), IGNORE, dtype=torch.long)
+    segments = None
+    if any(e.segments for e in encoded):  # plain samples and padding: segment 0, plain causal
+        segments = torch.zeros((len(encoded), T), dtype=torch.long)
     for b, e in enumerate(encoded):
         ids[b, :len(e.ids)] = torch.tensor(e.ids)
         labels[b, :len(e.labels)] = torch.tensor(e.labels)
-    return Batch(ids, labels, pixel_values, qtypes)
+        if e.segments and segments is not None:
+            segments[b, :len(e.segments)] = torch.tensor(e.segments)
+    return Batch(ids, labels, pixel_values, qtypes, segments)
 
 
 class ChatBatches:
@@ -115,8 +154,8 @@ class ChatBatches:
 
     def __init__(self, processor, data: DataConfig, batch_size: int, mix_at=None, split: str = "train",
                  offset: int = 0, bucket: int = 8, max_len: int | None = None, seed: int = 0,
-                 rank: int = 0, world: int = 1):
-        self.processor, self.data, self.batch_size = processor, data, batch_size
+                 rank: int = 0, world: int = 1, turns: int = 1):
+        self.processor, self.data, self.batch_size, self.turns = processor, data, batch_size, turns
         self.mix_at = mix_at
         self.split, self.offset, self.bucket, self.max_len = split, offset, bucket, max_len
         self.seed, self.rank, self.world = seed, rank, world
@@ -142,8 +181,8 @@ class ChatBatches:
         cfg = self._config(w * self.bucket)
         n = self.batch_size * self.bucket
         first = self.offset + (w * self.world + self.rank) * n
-        samples = [make_sample(self.split, first + i, cfg) for i in range(n)]
-        enc = [encode_conversation(self.processor, s["conversation"], self.max_len) for s in samples]
+        samples = [make_sample(self.split, first + i, cfg, self.turns) for i in range(n)]
+        enc = [encode_sample(self.processor, s, self.max_len) for s in samples]
         order = sorted(range(n), key=lambda i: (len(enc[i].ids), i))
         chunks = [order[k:k + self.batch_size] for k in range(0, n, self.batch_size)]
         random.Random(f"{self.seed}:{w}").shuffle(chunks)
@@ -157,23 +196,25 @@ class ChatBatches:
 def answer_loss(model, batch: Batch, image_features: torch.Tensor) -> tuple[torch.Tensor, dict]:
     """Cross-entropy on the labelled tokens only, the lm_head run only at those positions.
 
-    Per-sample normalisation: the mean over each sample's answer tokens, then the mean over
-    samples, so a long caption weighs as much as a one-word answer."""
+    Per-answer normalisation: the mean over each answer's tokens (a run of labelled tokens),
+    then the mean over answers, so a long caption weighs as much as a one-word answer and a
+    conversation of eight answers as much as eight single-answer samples."""
     ids, labels = batch.input_ids, batch.labels
     embeds = model.embed(ids, image_features=image_features)  # (B, T, C)
-    hidden = model.language_model(embeds)  # (B, T, C); right padding: causal mask suffices
+    hidden = model.language_model(embeds, segments=batch.segments)  # (B, T, C); right padding: causal suffices
     targets = labels[:, 1:]  # position t predicts token t+1
     sel = targets != IGNORE  # (B, T-1)
     h = hidden[:, :-1][sel]  # (N, C), N labelled tokens
     logits = model.logits(h).float()  # (N, V)
     tok_loss = torch.nn.functional.cross_entropy(logits, targets[sel], reduction="none")  # (N,)
-    per_sample = sel.sum(1)  # (B,)
-    row = torch.arange(ids.shape[0]).unsqueeze(1).expand_as(sel)[sel]  # (N,) sample of each token
-    weights = 1.0 / per_sample.clamp(min=1).to(tok_loss.dtype)[row]
-    n_samples = int((per_sample > 0).sum())
-    loss = (tok_loss * weights).sum() / max(1, n_samples)
+    starts = sel & ~torch.nn.functional.pad(sel[:, :-1], (1, 0))  # (B, T-1) first token of each answer
+    answer = (starts.flatten().cumsum(0) - 1).view_as(sel)[sel]  # (N,) answer index of each token
+    n_answers = int(starts.sum())
+    per_answer = torch.zeros(n_answers, dtype=torch.long).index_add_(0, answer, torch.ones_like(answer))
+    loss = (tok_loss / per_answer[answer].to(tok_loss.dtype)).sum() / max(1, n_answers)
     with torch.no_grad():
         correct = (logits.argmax(-1) == targets[sel])
-        exact = torch.zeros(ids.shape[0], dtype=torch.long).index_add_(0, row, (~correct).long()) == 0
+        exact = torch.zeros(n_answers, dtype=torch.long).index_add_(0, answer, (~correct).long()) == 0
     return loss, {"token_acc": round(float(correct.float().mean()), 4),
-                  "exact": round(float(exact[per_sample > 0].float().mean()), 4), "tokens": int(sel.sum())}
+                  "exact": round(float(exact.float().mean()), 4) if n_answers else 0.0,
+                  "tokens": int(sel.sum()), "answers": n_answers}

@@ -3,7 +3,7 @@
 The vision tower and the decoder are frozen (requires_grad False; the tower runs under
 no_grad, the decoder still passes gradients back to its input embeddings); the projector
 learns to map patch tokens to embeddings from which the frozen decoder can write the
-image's caption. The loss is taken on the answer tokens only, per-sample normalised, with
+image's caption. The loss is taken on the answer tokens only, per-answer normalised, with
 the lm_head run only at those positions. The data is mostly detailed captions of shape
 scenes, plus OCR and document questions so text images are aligned too.
 
@@ -54,14 +54,14 @@ class AnswerStep(nn.Module):
         self.model = model
         self.train_tower = train_tower
 
-    def forward(self, input_ids, labels, pixel_values):
+    def forward(self, input_ids, labels, pixel_values, segments=None):
         from .batches import Batch
 
         m = self.model
         with torch.set_grad_enabled(self.train_tower and torch.is_grad_enabled()):
             feats = m.vision_tower(pixel_values.to(m.dtype))  # (B, P, Dv)
         image_features = m.projector(feats)  # (B, P, C)
-        return answer_loss(m, Batch(input_ids, labels, pixel_values, []), image_features)
+        return answer_loss(m, Batch(input_ids, labels, pixel_values, [], segments), image_features)
 
 
 @torch.no_grad()
@@ -117,7 +117,7 @@ def train_stage1(out_dir: str | Path, model, processor, cfg: Stage1Config, resum
 
     def step_fn(step, total=None):
         b = batches(step)
-        loss, metrics = step_module(b.input_ids, b.labels, b.pixel_values)
+        loss, metrics = step_module(b.input_ids, b.labels, b.pixel_values, b.segments)
         loss.backward()
         return {"loss": float(loss.detach()), "samples": b.size * dist.world, "seq_len": b.input_ids.shape[1],
                 **metrics}
