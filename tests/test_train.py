@@ -4,6 +4,7 @@ runs repeat exactly, and an interrupted run resumes where it stopped."""
 import copy
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -194,6 +195,16 @@ def test_replay_sets_the_recorded_steps_and_refuses_other_settings():
     del summary["stages"]["1"]["planned_steps"]
     with pytest.raises(ValueError, match="stage 1"):
         Recipe().replay(summary)
+
+
+def test_the_shipped_run_replays_with_this_recipe():
+    """weights/training.json was made by the recipe in this code: `--replay` accepts it, so the
+    command the model card gives reproduces the shipped steps (a changed default refuses it)."""
+    shipped = Path(__file__).resolve().parents[1] / "weights" / "training.json"
+    if not shipped.is_file():
+        pytest.skip("weights/ holds no trained model")
+    r = Recipe().replay(json.loads(shipped.read_text()))
+    assert r.budget_minutes is None and r.stage2.loop.stop_at
 
 
 def test_stop_at_cuts_the_schedule_where_a_budget_did(tmp_path, processor):
