@@ -177,8 +177,33 @@ def _expected(task: str, q: str, objs: list) -> str | None:
 
 
 def test_answers_match_scene(train_shapes):
+    assert len(_check_answers(train_shapes)) >= 15
+
+
+def test_packed_samples():
+    """turns=k: up to k different questions about one image, every answer true of the scene,
+    deterministic; turns=1 is the plain stream (the splits' samples do not move)."""
+    cfg = DataConfig()
+    packed = [make_sample("train", i, cfg, turns=8) for i in range(300)]
+    again = make_sample("train", 17, cfg, turns=8)
+    assert (again["conversation"], again["meta"]) == (packed[17]["conversation"], packed[17]["meta"])
+    assert make_sample("test", 5, cfg, turns=1)["conversation"] == make_sample("test", 5, cfg)["conversation"]
+    kinds = Counter(s["meta"]["kind"] for s in packed if s["independent"])
+    assert set(kinds) == {"shapes", "text", "document"} and kinds["shapes"] > kinds["text"], kinds
+    assert any(not s["independent"] and s["qtype"] == "multiturn" for s in packed)
+    for s in packed:
+        qs = [m["content"] for m in s["conversation"][::2]]
+        assert len(qs) == len(set(qs)) and 1 <= len(qs) <= 8, qs
+    shapes = [s for s in packed if s["independent"] and s["meta"]["kind"] == "shapes"]
+    assert sum(len(s["meta"]["tasks"]) for s in shapes) >= 6 * len(shapes)  # most scenes give 8
+    assert len(_check_answers(shapes)) >= 12
+    with pytest.raises(ValueError, match="turns=0"):
+        make_sample("train", 0, cfg, turns=0)
+
+
+def _check_answers(samples) -> Counter:
     checked = Counter()
-    for s in train_shapes:
+    for s in samples:
         objs, conv = s["meta"]["objects"], s["conversation"]
         for k, task in enumerate(s["meta"]["tasks"]):
             q, a = conv[2 * k]["content"], conv[2 * k + 1]["content"]
@@ -198,7 +223,7 @@ def test_answers_match_scene(train_shapes):
             elif want is not None:
                 assert a == want, (task, q, a, objs)
             checked[task] += 1
-    assert len(checked) >= 15, checked
+    return checked
 
 
 def test_geometry_and_pixels(train_shapes):
