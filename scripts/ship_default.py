@@ -7,8 +7,9 @@ The guard (read by tests/test_shipped_model.py) is measured here on the copied w
 the same path a user takes (`resolve_model("default")`): test questions 0-59 at seed 0, their
 answers and accuracy, a floor 5 points below that accuracy and the share of answers that must
 come out the same again (0.9). It goes into weights/training.json next to the run's summary.
-Every file is written to a temporary name and renamed into place; weights/README.md and
-weights/examples/ are not touched (the model card is written by hand from the run's numbers).
+Every file is written to a temporary name and renamed into place (llava_core.atomic);
+weights/README.md and weights/examples/ are not touched (the model card is written by hand
+from the run's numbers).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import json
 import shutil
 import sys
 from pathlib import Path
+
+from llava_core.atomic import atomic_path, atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 GUARD_N, FLOOR_MARGIN, MIN_AGREEMENT = 60, 0.05, 0.9
@@ -34,9 +37,8 @@ def copy_parts(parts: Path, weights: Path, dry_run: bool) -> list[str]:
             continue
         dst = weights / rel
         dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dst.with_name(dst.name + ".tmp")
-        shutil.copyfile(src, tmp)
-        tmp.replace(dst)
+        with atomic_path(dst) as tmp:
+            shutil.copyfile(src, tmp)
     return names
 
 
@@ -75,9 +77,7 @@ def main(argv=None) -> int:
     path = args.weights / "training.json"
     summary = json.loads(path.read_text())
     summary["guard"] = guard
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(summary, indent=2))
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(summary, indent=2))
     print(f"guard: {guard['acc']:.1%} on test questions 0-{GUARD_N - 1}, floor {guard['floor']:.1%}; "
           f"written to {path}")
     return 0
