@@ -141,7 +141,7 @@ def collate(encoded: list[Encoded], pixel_values: torch.Tensor, pad_id: int, qty
     for b, e in enumerate(encoded):
         ids[b, :len(e.ids)] = torch.tensor(e.ids)
         labels[b, :len(e.labels)] = torch.tensor(e.labels)
-        if e.segments and segments is not None:
+        if e.segments:  # then segments was made above
             segments[b, :len(e.segments)] = torch.tensor(e.segments)
     return Batch(ids, labels, pixel_values, qtypes, segments)
 
@@ -210,7 +210,7 @@ def answer_loss(model, batch: Batch, image_features: torch.Tensor) -> tuple[torc
     starts = sel & ~torch.nn.functional.pad(sel[:, :-1], (1, 0))  # (B, T-1) first token of each answer
     answer = (starts.flatten().cumsum(0) - 1).view_as(sel)[sel]  # (N,) answer index of each token
     n_answers = int(starts.sum())
-    per_answer = torch.zeros(n_answers, dtype=torch.long).index_add_(0, answer, torch.ones_like(answer))
+    per_answer = torch.bincount(answer, minlength=n_answers)  # (n_answers,) tokens of each answer
     loss = (tok_loss / per_answer[answer].to(tok_loss.dtype)).sum() / max(1, n_answers)
     with torch.no_grad():
         correct = (logits.argmax(-1) == targets[sel])
