@@ -31,8 +31,9 @@ INSTRUCT_MIX = {  # stage 2: every task
 }
 CONTRASTIVE_MIX = {"caption_detailed": 1.0}  # (image, caption naming every object) pairs
 MIXES = {"caption": CAPTION_MIX, "instruct": INSTRUCT_MIX, "contrastive": CONTRASTIVE_MIX}
-TEXT_ASKERS = {"ask_ocr": text.ask_ocr, "ask_text_colour": text.ask_text_colour,
-               "ask_text_length": text.ask_text_length}
+# askers of text and document images by function name, the names packed weights use
+TEXT_ASKERS = {a.__name__: a for a in (text.ask_ocr, text.ask_text_colour, text.ask_text_length)}
+DOCUMENT_ASKERS = {a.__name__: a for a in document.DOC_ASKERS}
 MULTITURN_SHAPE_ASKERS = ("colour", "shape", "count", "size", "position", "relation", "yesno")
 _MAX_TRIES = 2000
 
@@ -139,7 +140,7 @@ def _text_turns(rng, qtype, split, cfg, kind, turns_wanted: int = 0, weights: di
     else:
         raise RuntimeError(f"no {split} {kind} scene in {_MAX_TRIES} tries")
     if turns_wanted:
-        askers = TEXT_ASKERS if kind == "text" else {a.__name__: a for a in document.DOC_ASKERS}
+        askers = TEXT_ASKERS if kind == "text" else DOCUMENT_ASKERS
         w = {n: weights.get(n, 1.0) for n in askers}
         # one turn per (task, answer): asking for the same word in other words teaches nothing new
         return meta, _draw(rng, w, askers, turns_wanted, meta, key=lambda t: (t[2], t[1]))
