@@ -373,6 +373,83 @@ def test_resuming_a_loop_its_budget_stopped_takes_no_step(tmp_path):
     assert torch.load(tmp_path / "toy.ckpt", weights_only=False)["done"]
 
 
+def _toy_loop(out_dir, cfg, delay, dist=None, before=0.0):
+    """train_loop on one parameter; step_fn sleeps delay(step) seconds (and all-reduces under DDP)."""
+    import time
+    from llava_core.train.common import train_loop
+
+    time.sleep(before)
+    w = torch.nn.Parameter(torch.zeros(3))
+
+    def step_fn(step, total=None):
+        time.sleep(delay(step))
+        loss = ((w - 1) ** 2).sum()
+        loss.backward()
+        if dist is not None and dist.enabled:
+            torch.distributed.all_reduce(w.grad)
+        return {"loss": float(loss.detach()), "samples": 1}
+
+    opt = torch.optim.SGD([w], lr=0.1)
+    return train_loop("toy", out_dir, cfg, step_fn, opt, [w], state=lambda: {"w": w.detach().clone()},
+                      load_state=lambda s: w.data.copy_(s["w"]), dist=dist)
+
+
+def test_budget_plan_is_redone_at_the_end_of_warmup(tmp_path, caplog):
+    """Steps that slow down after the first few timed ones: the plan made on the last warm-up step,
+    over all the steps timed, replaces the first and is the total the run reports."""
+    import logging
+
+    cfg = LoopConfig(budget_s=1.5, warmup=10, calibrate_steps=3, ckpt_every=0, progress=False)
+    with caplog.at_level(logging.INFO, logger="llava_core.train.common"):
+        res = _toy_loop(tmp_path, cfg, lambda step: 0.0 if step < 4 else 0.04)
+    plans = [int(r.getMessage().split("-> ")[1].split()[0]) for r in caplog.records if "s/step over" in r.getMessage()]
+    assert len(plans) == 2, plans
+    assert plans[1] < plans[0] / 3, plans  # ~60 steps of 40 ms in 1.5 s, against hundreds of ~0 ms
+    assert res.total == plans[1]
+    lrs = [r["lr"] for r in read_jsonl(tmp_path / "toy.jsonl")]
+    assert lrs[:10] == pytest.approx([0.1 * lr_factor(i, None, 10, cfg.min_lr_ratio) for i in range(10)])
+    assert lrs[10:] == pytest.approx([0.1 * lr_factor(i, res.total, 10, cfg.min_lr_ratio)
+                                      for i in range(10, res.steps)])
+
+
+def _ddp_rank(rank, port, out_dir, queue):
+    import os
+    from llava_core.train.common import init_distributed
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
+    torch.set_num_threads(1)
+    dist = init_distributed()
+    cfg = LoopConfig(budget_s=1.0, warmup=4, calibrate_steps=2, ckpt_every=0, progress=False)
+    # rank 1 starts its clock 0.4 s after rank 0: alone, each would stop at its own step
+    res = _toy_loop(Path(out_dir) / str(rank), cfg, lambda step: 0.01, dist, before=0.4 * rank)
+    queue.put((rank, res.steps, res.total))
+    torch.distributed.destroy_process_group()
+
+
+def test_ddp_ranks_agree_on_the_plan_and_the_budget_stop(tmp_path):
+    """Under torchrun each rank reads its own clock; the planned total and the budget stop are rank
+    0's on every rank, so no rank waits forever in a collective the others have left."""
+    import socket
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_ddp_rank, args=(r, port, str(tmp_path), queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=90)
+    hung = [p for p in procs if p.is_alive()]
+    for p in hung:
+        p.kill()
+    assert not hung, "a rank hung: the ranks disagreed on when to stop"
+    results = sorted(queue.get(timeout=5) for _ in procs)
+    assert results[0][1:] == results[1][1:] and results[0][1] > 4, results
+
+
 # --- the recipe ----------------------------------------------------------------------------------
 
 def test_run_recipe_writes_every_stage_and_the_parts(tmp_path, processor):

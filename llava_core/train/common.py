@@ -56,6 +56,15 @@ class Dist:
         if self.enabled:
             torch.distributed.barrier()
 
+    def from_main(self, value: float) -> float:
+        """Rank 0's value on every rank: decisions taken from each rank's own clock (the planned
+        step count, whether the budget is spent) must agree, or one rank waits forever."""
+        if not self.enabled:
+            return value
+        t = torch.tensor([value], dtype=torch.float64)
+        torch.distributed.broadcast(t, src=0)
+        return float(t)
+
 
 def init_distributed() -> Dist:
     """A gloo process group when launched by torchrun with WORLD_SIZE > 1, else a single process."""
@@ -247,11 +256,13 @@ def train_loop(name: str, out_dir: str | Path, cfg: LoopConfig, step_fn: Callabl
     t0 = time.perf_counter()
     window_t, window_n = t0, 0
     calib_t = None
+    replan = cfg.steps is None and start < cfg.warmup
     step, stopped = start, False
     while (total is None or step < total) and (cfg.stop_at is None or step < cfg.stop_at):
         elapsed = elapsed0 + time.perf_counter() - t0
         # a fresh or crashed run takes at least one step; one its budget stopped takes none more
-        if cfg.budget_s is not None and elapsed > cfg.budget_s and (step > start or ended):
+        over = cfg.budget_s is not None and elapsed > cfg.budget_s and (step > start or ended)
+        if cfg.budget_s is not None and dist.from_main(float(over)):
             stopped = True
             log.info("%s: time budget %.0f s spent at step %d of %s", name, cfg.budget_s, step, total)
             break
@@ -269,10 +280,13 @@ def train_loop(name: str, out_dir: str | Path, cfg: LoopConfig, step_fn: Callabl
         window_n += out.get("samples", 0)
         if step == start + 1:
             calib_t = now  # the first step carries one-off costs; time the ones after it
-        if total is None and step - start >= cfg.calibrate_steps + 1:
+        # budget mode: plan the total from the steps timed so far, first after calibrate_steps,
+        # then again on the last warm-up step over the longer window (warm-up learning rates do
+        # not depend on the total, so a replay with the final total repeats every one of them)
+        if (total is None or (replan and step == cfg.warmup)) and step - start >= cfg.calibrate_steps + 1:
             per_step = (now - calib_t) / (step - start - 1)
             left = cfg.budget_s - (elapsed0 + now - t0)
-            total = step + max(0, int(left / per_step))
+            total = int(dist.from_main(step + max(0, int(left / per_step))))
             log.info("%s: %.2f s/step over %d steps -> %d steps in the %.0f s budget",
                      name, per_step, step - start - 1, total, cfg.budget_s)
             if bar is not None:
