@@ -175,7 +175,7 @@ class LoopConfig:
     grad_clip: float | None = 1.0
     ckpt_every: int = 200  # steps between checkpoints (and one at the end)
     log_every: int = 25  # steps between logging.info lines (the JSONL gets every step)
-    calibrate_steps: int = 6  # steps timed to turn budget_s into a step count
+    calibrate_steps: int = 6  # steps timed to turn budget_s into a step count (planned again after warm-up)
     progress: bool = True  # tqdm bar
 
     def __post_init__(self):
