@@ -373,6 +373,24 @@ def test_resuming_a_loop_its_budget_stopped_takes_no_step(tmp_path):
     assert torch.load(tmp_path / "toy.ckpt", weights_only=False)["done"]
 
 
+def test_linear_probe_is_seeded_and_leaves_the_callers_random_state_alone():
+    """Three Adam steps on random labels: the result depends on the initial weights, which must
+    come from the probe's seed, whatever the global state, and not consume that state."""
+    from llava_core.train.probe import fit_linear
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 8, generator=g), torch.randint(0, 5, (64,), generator=g)
+    xt, yt = torch.randn(256, 8, generator=g), torch.randint(0, 5, (256,), generator=g)
+    accs = []
+    for state in (1, 2, 3):
+        torch.manual_seed(state)
+        before = torch.get_rng_state()
+        accs.append(fit_linear(x, y, xt, yt, iters=3))
+        assert torch.equal(torch.get_rng_state(), before)
+    assert accs[0] == accs[1] == accs[2]
+    assert {fit_linear(x, y, xt, yt, iters=3, seed=s) for s in range(6)} != {accs[0]}  # the seed matters
+
+
 def _toy_loop(out_dir, cfg, delay, dist=None, before=0.0):
     """train_loop on one parameter; step_fn sleeps delay(step) seconds (and all-reduces under DDP)."""
     import time

@@ -33,12 +33,15 @@ def tower_tokens(tower: VisionTower, samples: list[dict], batch: int = 64) -> to
 
 
 def fit_linear(x: torch.Tensor, y: torch.Tensor, xt: torch.Tensor, yt: torch.Tensor,
-               iters: int = 300, wd: float = 1e-3) -> float:
-    """Test accuracy of a logistic regression (standardised features, full-batch Adam)."""
+               iters: int = 300, wd: float = 1e-3, seed: int = 0) -> float:
+    """Test accuracy of a logistic regression (standardised features, full-batch Adam). Its
+    initial weights come from `seed`, not from the caller's random state, which is left as it was."""
     mu, sd = x.mean(0), x.std(0) + 1e-5
     x, xt = (x - mu) / sd, (xt - mu) / sd
     k = int(max(y.max(), yt.max())) + 1
-    lin = torch.nn.Linear(x.shape[1], k)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        lin = torch.nn.Linear(x.shape[1], k)
     opt = torch.optim.Adam(lin.parameters(), lr=1e-2, weight_decay=wd)
     with torch.enable_grad():
         for _ in range(iters):
