@@ -349,26 +349,16 @@ def test_resume_continues_from_the_checkpoint(tmp_path, processor, monkeypatch):
 
 def test_resuming_a_loop_its_budget_stopped_takes_no_step(tmp_path):
     """A stage stopped by its time budget is finished: --resume must not add a step to it."""
-    from llava_core.train.common import train_loop
-
-    w = torch.nn.Parameter(torch.zeros(3))
     calls = []
 
-    def step_fn(step, total=None):
+    def record(step):
         calls.append(step)
-        loss = ((w - 1) ** 2).sum()
-        loss.backward()
-        return {"loss": float(loss.detach()), "samples": 1}
+        return 0.0
 
-    def run(resume):
-        opt = torch.optim.SGD([w], lr=0.1)
-        cfg = LoopConfig(budget_s=0.0, warmup=0, ckpt_every=0, progress=False)
-        return train_loop("toy", tmp_path, cfg, step_fn, opt, [w], state=lambda: {"w": w.detach().clone()},
-                          load_state=lambda s: w.data.copy_(s["w"]), resume=resume)
-
-    first = run(False)
+    cfg = LoopConfig(budget_s=0.0, warmup=0, ckpt_every=0, progress=False)
+    first = _toy_loop(tmp_path, cfg, record)
     assert first.stopped_by_budget and first.steps == 1 and calls == [0]
-    again = run(True)
+    again = _toy_loop(tmp_path, cfg, record, resume=True)
     assert again.steps == 1 and calls == [0], calls
     assert torch.load(tmp_path / "toy.ckpt", weights_only=False)["done"]
 
@@ -391,7 +381,7 @@ def test_linear_probe_is_seeded_and_leaves_the_callers_random_state_alone():
     assert {fit_linear(x, y, xt, yt, iters=3, seed=s) for s in range(6)} != {accs[0]}  # the seed matters
 
 
-def _toy_loop(out_dir, cfg, delay, dist=None, before=0.0):
+def _toy_loop(out_dir, cfg, delay, dist=None, before=0.0, resume=False):
     """train_loop on one parameter; step_fn sleeps delay(step) seconds (and all-reduces under DDP)."""
     import time
     from llava_core.train.common import train_loop
@@ -409,7 +399,7 @@ def _toy_loop(out_dir, cfg, delay, dist=None, before=0.0):
 
     opt = torch.optim.SGD([w], lr=0.1)
     return train_loop("toy", out_dir, cfg, step_fn, opt, [w], state=lambda: {"w": w.detach().clone()},
-                      load_state=lambda s: w.data.copy_(s["w"]), dist=dist)
+                      load_state=lambda s: w.data.copy_(s["w"]), resume=resume, dist=dist)
 
 
 def test_budget_plan_is_redone_at_the_end_of_warmup(tmp_path, caplog):

@@ -261,8 +261,7 @@ def train_loop(name: str, out_dir: str | Path, cfg: LoopConfig, step_fn: Callabl
     while (total is None or step < total) and (cfg.stop_at is None or step < cfg.stop_at):
         elapsed = elapsed0 + time.perf_counter() - t0
         # a fresh or crashed run takes at least one step; one its budget stopped takes none more
-        over = cfg.budget_s is not None and elapsed > cfg.budget_s and (step > start or ended)
-        if cfg.budget_s is not None and dist.from_main(float(over)):
+        if cfg.budget_s is not None and dist.from_main(float(elapsed > cfg.budget_s and (step > start or ended))):
             stopped = True
             log.info("%s: time budget %.0f s spent at step %d of %s", name, cfg.budget_s, step, total)
             break
