@@ -14,7 +14,7 @@ The repo's `weights/` folder holds only the trained parts ("parts" format, <= 25
 `assemble` turns that into a complete llava-hf checkpoint: the GGUF decoder dequantised, its
 vocabulary extended by `<image>`, each LoRA delta merged (W += alpha/r * B @ A), the vision
 parts added. `resolve_model("default")` does it once into a cache folder named by a hash of
-the parts and reuses it after.
+the parts and reuses it after; the cache keeps the few most recently used (`prune_cache`).
 """
 
 from __future__ import annotations
@@ -495,23 +495,31 @@ def is_assembled(folder: Path, digest: str | None = None) -> bool:
 
 
 @contextlib.contextmanager
-def _lock(path: Path):
-    """An exclusive lock file, so two processes do not assemble the same folder at once."""
+def _lock(path: Path, wait: bool = True):
+    """An exclusive lock file, so two processes do not assemble (or remove) the same folder at
+    once. Yields True when held; with wait=False, False at once if another process holds it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as fh:
         try:
             import fcntl
-            fcntl.flock(fh, fcntl.LOCK_EX)
+            fcntl.flock(fh, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
         except ImportError:  # not on POSIX: no lock
             pass
-        yield
+        except BlockingIOError:
+            yield False
+            return
+        yield True
 
 
 def assemble_cached(parts: Path) -> Path:
-    """The cache folder of `parts`, assembled now unless a finished one is already there."""
+    """The cache folder of `parts`, assembled now unless a finished one is already there.
+    A new assembly then removes all but the `cache_keep()` most recently used ones."""
+    keep = cache_keep()  # a bad setting fails before a minute of assembly, not after
     digest = parts_hash(parts)
     out = cache_dir() / f"{_label(parts)}-{digest}"
     if is_assembled(out, digest):
+        with contextlib.suppress(OSError):  # a read-only cache is used as it is
+            (out / MARKER).touch()  # its time of last use, for prune_cache
         return out
     with _lock(out.parent / f".{out.name}.lock"):
         if not is_assembled(out, digest):  # another process may have finished it meanwhile
@@ -519,7 +527,38 @@ def assemble_cached(parts: Path) -> Path:
                 log.warning("%s: an unfinished assembly (no %s); redoing it", out, MARKER)
             log.info("first use of %s: assembling the checkpoint into %s", parts, out)
             assemble(parts, out)
+    prune_cache(keep)
     return out
+
+
+def cache_keep() -> int:
+    """How many assembled checkpoints the cache keeps: $LLAVA_CORE_CACHE_KEEP, else 3 (each
+    default model is ~0.5 GB; every new set of parts, a retrained model say, makes another)."""
+    raw = os.environ.get("LLAVA_CORE_CACHE_KEEP", "3")
+    try:
+        keep = int(raw)
+    except ValueError:
+        keep = -1
+    if keep < 1:
+        raise ValueError(f"LLAVA_CORE_CACHE_KEEP={raw!r}: give a whole number of checkpoints, 1 or more")
+    return keep
+
+
+def prune_cache(keep: int) -> list[Path]:
+    """Remove all but the `keep` most recently used assemblies in cache_dir() (by their
+    marker's time; older formats count too), skipping any whose lock another process holds.
+    Returns what it removed."""
+    root = cache_dir()
+    done = [d for d in root.iterdir() if d.is_dir() and (d / MARKER).is_file()] if root.is_dir() else []
+    done.sort(key=lambda d: (d / MARKER).stat().st_mtime, reverse=True)
+    removed = []
+    for d in done[keep:]:
+        with _lock(root / f".{d.name}.lock", wait=False) as held:
+            if held:
+                shutil.rmtree(d, ignore_errors=True)
+                removed.append(d)
+                log.info("cache: removed %s (keeping the %d most recently used)", d, keep)
+    return removed
 
 
 def resolve_model(path_or_name: str | Path) -> Path:

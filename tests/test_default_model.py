@@ -4,6 +4,7 @@ transformers loads and answers from token for token as we do, and the assembly c
 
 import copy
 import json
+import os
 
 import numpy as np
 import pytest
@@ -255,6 +256,50 @@ def test_resolve_model_errors(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="LLAVA_CORE_WEIGHTS"):
         dm.resolve_model("default")
     assert dm.resolve_model(tmp_path) == tmp_path  # any other folder is taken as a checkpoint
+
+
+def _fake_assemblies(root, names):
+    """Cache folders with a marker each, the first name the most recently used."""
+    for age, name in enumerate(names):
+        (root / name).mkdir(parents=True)
+        (root / name / "model.safetensors").write_bytes(b"x")
+        (root / name / dm.MARKER).write_text("{}")
+        os.utime(root / name / dm.MARKER, (1e9 - age * 100, 1e9 - age * 100))
+
+
+def test_prune_cache_keeps_the_most_recently_used(tmp_path, monkeypatch):
+    import fcntl
+
+    monkeypatch.setenv("LLAVA_CORE_CACHE", str(tmp_path))
+    _fake_assemblies(tmp_path, ["new", "mid", "old", "older", "oldest"])
+    (tmp_path / "unfinished").mkdir()  # no marker: an assembly in progress, or not ours
+    with open(tmp_path / ".older.lock", "w") as held:  # another process is at "older"
+        fcntl.flock(held, fcntl.LOCK_EX)
+        removed = dm.prune_cache(keep=2)
+    assert sorted(p.name for p in removed) == ["old", "oldest"]
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == \
+        ["mid", "new", "older", "unfinished"]
+
+
+def test_a_new_assembly_prunes_and_a_reuse_counts_as_use(parts, tmp_path, monkeypatch):
+    monkeypatch.setenv("LLAVA_CORE_CACHE", str(tmp_path))
+    monkeypatch.setenv("LLAVA_CORE_CACHE_KEEP", "2")
+    _fake_assemblies(tmp_path, ["b", "a"])  # "a" is the older
+
+    def fake_assemble(parts_folder, out):  # the real one is tested above; this one is instant
+        out.mkdir()
+        dm.write_json(out / dm.MARKER, {"parts_hash": dm.parts_hash(parts_folder), "format": dm.ASSEMBLY_FORMAT})
+    monkeypatch.setattr(dm, "assemble", fake_assemble)
+    out = dm.resolve_model(parts)
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == sorted(["b", out.name])
+
+    os.utime(out / dm.MARKER, (1, 1))  # long unused ...
+    assert dm.resolve_model(parts) == out
+    assert (out / dm.MARKER).stat().st_mtime > 1e9  # ... until used again
+
+    monkeypatch.setenv("LLAVA_CORE_CACHE_KEEP", "0")
+    with pytest.raises(ValueError, match="LLAVA_CORE_CACHE_KEEP='0'"):
+        dm.resolve_model(parts)
 
 
 def test_assembly_is_atomic(parts, assembled, tmp_path, monkeypatch):
