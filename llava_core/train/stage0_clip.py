@@ -41,6 +41,7 @@ from ..data import COLOURS, SHAPES, DataConfig, make_sample
 from ..data.vocab import CELL_PHRASES, SIZES, TEXT_BACKGROUNDS
 from ..processor import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from ..vision import VisionTower
+from .augment import augment_batch
 from .batches import images_to_tensor
 from .common import (Dist, LoopConfig, init_distributed, setup_torch, train_loop, trainable_state,
                      wrap_ddp)
@@ -179,7 +180,7 @@ def cell_targets(samples: list[dict]) -> dict[str, torch.Tensor]:
     -100 there, so its head spends itself on telling shapes apart); -100 for other images."""
     out = {k: torch.full((len(samples), 9), -100, dtype=torch.long) for k in CELL_TARGETS}
     for b, s in enumerate(samples):
-        if s["meta"]["kind"] != "shapes":
+        if s["meta"]["kind"] != "shapes" or s["meta"].get("zoomed"):  # zoomed: objects left their cells
             continue
         for k in CELL_TARGETS:
             out[k][b] = 0
@@ -311,6 +312,7 @@ class Stage0Config:
     sincos_init: bool = True  # 2D sin-cos initial values for the learnable position embedding
     text: TextTowerConfig = field(default_factory=TextTowerConfig)
     mix: dict = field(default_factory=lambda: {"caption_detailed": 0.6, "ocr": 0.2, "document": 0.2})
+    augment: float = 0.0  # share of images augmented (train/augment.py: paper, zoom-out, blur, noise)
     aux_weight: float = 1.0  # weight of the auxiliary heads (cells, patches, characters); 0: contrastive only
     feature_layer: int = -1  # the layer the aux heads read (the LLaVA feature layer)
     split: str = "train"
@@ -335,6 +337,11 @@ class PairBatches:
     def __call__(self, step: int):
         samples = self.samples(step)
         px = images_to_tensor([s["image"] for s in samples], OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+        if self.cfg.augment > 0:
+            mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD))
+            g = torch.Generator().manual_seed(1_000_003 * self.cfg.seed + step * self.world + self.rank)
+            x, samples = augment_batch(px * std + mean, samples, self.cfg.augment, g)
+            px = ((x - mean) / std).contiguous()
         text = self.tok([caption_of(s) for s in samples])
         targets = cell_targets(samples)
         targets["char"] = char_targets(samples, self.vision)
