@@ -549,8 +549,11 @@ def prune_cache(keep: int) -> list[Path]:
     marker's time; older formats count too), skipping any whose lock another process holds.
     Returns what it removed."""
     root = cache_dir()
-    done = [d for d in root.iterdir() if d.is_dir() and (d / MARKER).is_file()] if root.is_dir() else []
-    done.sort(key=lambda d: (d / MARKER).stat().st_mtime, reverse=True)
+    used = {}
+    for d in root.iterdir() if root.is_dir() else []:
+        with contextlib.suppress(OSError):  # not ours, or removed meanwhile by another process
+            used[d] = (d / MARKER).stat().st_mtime
+    done = sorted(used, key=used.get, reverse=True)
     removed = []
     for d in done[keep:]:
         with _lock(root / f".{d.name}.lock", wait=False) as held:
