@@ -41,9 +41,12 @@ def test_the_notebooks_are_there():
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_notebook_runs(path, this_python_kernel):
+def test_notebook_runs(path, this_python_kernel, tmp_path, monkeypatch):
     from nbclient import NotebookClient
 
+    # the kernel inherits TMPDIR: the notebook's output folder (tempfile.mkdtemp) goes under
+    # pytest's tmp_path, which pytest prunes, not into /tmp for good (~11 MB a run for 05)
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
     nb = nbformat.read(path, as_version=4)  # an in-memory copy: outputs never go back to the file
     nb.cells.append(nbformat.v4.new_code_cell(WHICH_PYTHON))
     client = NotebookClient(nb, kernel_name="python3", timeout=300,
@@ -51,6 +54,7 @@ def test_notebook_runs(path, this_python_kernel):
     client.execute()  # raises CellExecutionError, with the cell and its traceback, if a cell fails
     printed = "".join(o.get("text", "") for o in nb.cells[-1].outputs if o.output_type == "stream")
     assert printed.strip() == sys.prefix, f"the kernel ran {printed.strip()!r}, not this venv ({sys.prefix})"
+    assert list(tmp_path.glob(f"llava_nb{path.stem[:2]}_*")), f"{path.name} made no output folder under TMPDIR"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
