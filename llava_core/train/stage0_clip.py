@@ -336,12 +336,15 @@ class PairBatches:
 
     def __call__(self, step: int):
         samples = self.samples(step)
-        px = images_to_tensor([s["image"] for s in samples], OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+        images = [s["image"] for s in samples]
         if self.cfg.augment > 0:
-            mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD))
+            x = images_to_tensor(images, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))  # (B, 3, S, S) in [0, 1]
             g = torch.Generator().manual_seed(1_000_003 * self.cfg.seed + step * self.world + self.rank)
-            x, samples = augment_batch(px * std + mean, samples, self.cfg.augment, g)
-            px = ((x - mean) / std).contiguous()
+            x, samples = augment_batch(x, samples, self.cfg.augment, g)
+            mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD))
+            px = (x - mean) / std
+        else:
+            px = images_to_tensor(images, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
         text = self.tok([caption_of(s) for s in samples])
         targets = cell_targets(samples)
         targets["char"] = char_targets(samples, self.vision)
