@@ -252,7 +252,7 @@ def main(argv=None):
     if args.model:
         folder = Path(args.model)
         if args.model == "default":
-            from llava_core.default_model import resolve_model
+            from llava_core.model_cache import resolve_model
             folder = resolve_model(args.model)
     else:
         folder = build_checkpoint(Path(args.ckpt_dir) / f"{args.shape}-{args.dtype}", args.shape, dtype,

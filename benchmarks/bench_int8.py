@@ -29,7 +29,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from llava_core.default_model import resolve_model
+    from llava_core.model_cache import resolve_model
     from llava_core.evaluate import evaluate_synthetic
     from llava_core.llama import quantize_int8
     from llava_core.loader import load_pretrained

@@ -225,7 +225,7 @@ def run_sweep(model_path: str, out_dir: str | Path, cfg: AblationConfig, resume:
 
 def _resolve(model_path: str) -> Path:
     if model_path == "default":
-        from .default_model import resolve_model
+        from .model_cache import resolve_model
         return resolve_model("default")
     folder = Path(model_path)
     if not (folder / "config.json").is_file():

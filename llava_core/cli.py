@@ -197,7 +197,7 @@ def _load(args):
 
 def _resolve(name: str) -> Path:
     if name == "default" or (Path(name) / "parts.safetensors").is_file():
-        from .default_model import resolve_model
+        from .model_cache import resolve_model
         return resolve_model(name)
     return _checkpoint_folder(name)
 
@@ -456,7 +456,7 @@ def add_export(sub) -> None:
 
 
 def cmd_export(args) -> int:
-    from .default_model import export_model
+    from .model_cache import export_model
     dst = export_model(args.model, args.dst, overwrite=args.overwrite)
     print(f"{PROG}: wrote {dst}", file=sys.stderr)
     return 0

@@ -274,7 +274,7 @@ def save_jsonl(rows: list[dict], path: str | Path) -> None:
 
 def run_eval(args: argparse.Namespace) -> dict:
     """The `eval` command: load, score, print the table, write --out / --predictions."""
-    from .default_model import resolve_model
+    from .model_cache import resolve_model
     from .loader import load_pretrained
     from .processor import LlavaProcessor
 

@@ -47,7 +47,7 @@ def measure_guard(weights: Path) -> dict:
 
     import torch
 
-    from llava_core.default_model import resolve_model
+    from llava_core.model_cache import resolve_model
     from llava_core.evaluate import evaluate_synthetic
     from llava_core.loader import load_pretrained
     from llava_core.processor import LlavaProcessor

@@ -15,6 +15,7 @@ peft = pytest.importorskip("peft")
 
 from llava_core import default_model as dm  # noqa: E402
 from llava_core import lora  # noqa: E402
+from llava_core import model_cache as mc  # noqa: E402
 from llava_core.assistant import generate  # noqa: E402
 from llava_core.config import LlavaConfig, VisionConfig  # noqa: E402
 from llava_core.gguf import SMOLLM2_GGUF, SMOLLM2_SHA256, GGUFIntegrityError, load_gguf_decoder  # noqa: E402
@@ -97,7 +98,7 @@ def parts(env, lora_model, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def assembled(parts):
-    return dm.resolve_model(parts)
+    return mc.resolve_model(parts)
 
 
 def image(seed=0, size=64):
@@ -197,7 +198,7 @@ def test_parts_folder_holds_only_trained_parts(parts, lora_model):
 
 def test_assembled_logits_equal_the_unmerged_lora_model(assembled, lora_model, base):
     model = load_pretrained(assembled)
-    assert dm.is_assembled(assembled)
+    assert mc.is_assembled(assembled)
     ids, px = image_prompt(dm.make_default_processor(model.cfg))
     with torch.no_grad():
         want = lora_model[0](ids, px)  # y = W x + (alpha/r) B A x, through peft
@@ -211,7 +212,7 @@ def test_assembled_logits_equal_the_unmerged_lora_model(assembled, lora_model, b
 def test_export_loads_in_transformers_and_answers_agree(assembled, tmp_path):
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    dst = dm.export_model(assembled, tmp_path / "exported")
+    dst = mc.export_model(assembled, tmp_path / "exported")
     proc_cfg = json.loads((dst / "processor_config.json").read_text())
     assert proc_cfg["num_additional_image_tokens"] == 1 and proc_cfg["patch_size"] == 16
     hf, info = LlavaForConditionalGeneration.from_pretrained(dst, dtype=torch.float32, output_loading_info=True)
@@ -234,28 +235,28 @@ def test_export_loads_in_transformers_and_answers_agree(assembled, tmp_path):
 
 def test_resolve_model_reuses_and_redoes(parts, assembled, monkeypatch):
     stamp = (assembled / "model.safetensors").stat()
-    assert dm.resolve_model(parts) == assembled  # a second call does not rewrite
+    assert mc.resolve_model(parts) == assembled  # a second call does not rewrite
     assert (assembled / "model.safetensors").stat().st_mtime_ns == stamp.st_mtime_ns
 
     model = load_pretrained(assembled)
     calls = []
     monkeypatch.setattr(dm, "load_parts", lambda *a, **k: calls.append(a) or model)
     (assembled / dm.MARKER).unlink()  # as if the assembly had crashed before its last file
-    assert dm.resolve_model(parts) == assembled and len(calls) == 1
-    assert dm.is_assembled(assembled)
+    assert mc.resolve_model(parts) == assembled and len(calls) == 1
+    assert mc.is_assembled(assembled)
 
     monkeypatch.setenv("LLAVA_CORE_WEIGHTS", str(parts))
-    default = dm.resolve_model("default")
+    default = mc.resolve_model("default")
     assert default.name == f"default-{dm.parts_hash(parts)}" and len(calls) == 2
 
 
 def test_resolve_model_errors(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="no-such-model"):
-        dm.resolve_model(tmp_path / "no-such-model")
+        mc.resolve_model(tmp_path / "no-such-model")
     monkeypatch.setenv("LLAVA_CORE_WEIGHTS", str(tmp_path))
     with pytest.raises(FileNotFoundError, match="LLAVA_CORE_WEIGHTS"):
-        dm.resolve_model("default")
-    assert dm.resolve_model(tmp_path) == tmp_path  # any other folder is taken as a checkpoint
+        mc.resolve_model("default")
+    assert mc.resolve_model(tmp_path) == tmp_path  # any other folder is taken as a checkpoint
 
 
 def _fake_assemblies(root, names):
@@ -275,7 +276,7 @@ def test_prune_cache_keeps_the_most_recently_used(tmp_path, monkeypatch):
     (tmp_path / "unfinished").mkdir()  # no marker: an assembly in progress, or not ours
     with open(tmp_path / ".older.lock", "w") as held:  # another process is at "older"
         fcntl.flock(held, fcntl.LOCK_EX)
-        removed = dm.prune_cache(keep=2)
+        removed = mc.prune_cache(keep=2)
     assert sorted(p.name for p in removed) == ["old", "oldest"]
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == \
         ["mid", "new", "older", "unfinished"]
@@ -290,16 +291,16 @@ def test_a_new_assembly_prunes_and_a_reuse_counts_as_use(parts, tmp_path, monkey
         out.mkdir()
         dm.write_json(out / dm.MARKER, {"parts_hash": dm.parts_hash(parts_folder), "format": dm.ASSEMBLY_FORMAT})
     monkeypatch.setattr(dm, "assemble", fake_assemble)
-    out = dm.resolve_model(parts)
+    out = mc.resolve_model(parts)
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == sorted(["b", out.name])
 
     os.utime(out / dm.MARKER, (1, 1))  # long unused ...
-    assert dm.resolve_model(parts) == out
+    assert mc.resolve_model(parts) == out
     assert (out / dm.MARKER).stat().st_mtime > 1e9  # ... until used again
 
     monkeypatch.setenv("LLAVA_CORE_CACHE_KEEP", "0")
     with pytest.raises(ValueError, match="LLAVA_CORE_CACHE_KEEP='0'"):
-        dm.resolve_model(parts)
+        mc.resolve_model(parts)
 
 
 def test_assembly_is_atomic(parts, assembled, tmp_path, monkeypatch):
@@ -359,12 +360,12 @@ def test_export_completes_processor_files_of_any_checkpoint(tiny_ckpt, tmp_path)
     src = tmp_path / "src"
     shutil.copytree(tiny_ckpt, src)
     (src / "processor_config.json").unlink()
-    dst = dm.export_model(src, tmp_path / "out")
+    dst = mc.export_model(src, tmp_path / "out")
     proc = json.loads((dst / "processor_config.json").read_text())
     assert (proc["patch_size"], proc["num_additional_image_tokens"], proc["image_token"]) == (14, 1, "<image>")
     hf_proc = AutoProcessor.from_pretrained(dst)
     enc = hf_proc(images=[image(size=336)], text=["USER: <image>\nhi ASSISTANT:"], return_tensors="pt")
     assert int((enc["input_ids"] == LlavaConfig.from_json(dst).image_token_index).sum()) == 576
     with pytest.raises(FileExistsError, match="out"):
-        dm.export_model(src, tmp_path / "out")  # an existing export is not overwritten unasked
-    dm.export_model(src, tmp_path / "out", overwrite=True)
+        mc.export_model(src, tmp_path / "out")  # an existing export is not overwritten unasked
+    mc.export_model(src, tmp_path / "out", overwrite=True)

@@ -30,7 +30,7 @@ def trained() -> dict | None:
 
 @pytest.fixture(scope="module")
 def shipped():
-    from llava_core.default_model import resolve_model
+    from llava_core.model_cache import resolve_model
     from llava_core.loader import load_pretrained
     from llava_core.processor import LlavaProcessor
 
@@ -57,7 +57,7 @@ def test_exported_default_answers_the_same_in_transformers(shipped, tmp_path):
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     from llava_core.data import DataConfig, make_sample
-    from llava_core.default_model import export_model
+    from llava_core.model_cache import export_model
     from llava_core.evaluate import answer_batch, sample_conversation
 
     folder, ours, proc = shipped
