@@ -192,6 +192,12 @@ def test_replay_sets_the_recorded_steps_and_refuses_other_settings():
     other.stage2.lora_r = 4
     with pytest.raises(ValueError, match="lora_r: 8 -> 4"):
         other.replay(summary)
+    del summary["recipe"]["stage0"]["aux_position"]  # a record made before the setting existed ...
+    off, on = Recipe(), Recipe()
+    off.stage0.aux_position, on.stage0.aux_position = False, True
+    off.replay(summary)  # ... matches it switched off, as new settings come
+    with pytest.raises(ValueError, match="aux_position: None -> True"):
+        on.replay(summary)
     del summary["stages"]["1"]["planned_steps"]
     with pytest.raises(ValueError, match="stage 1"):
         Recipe().replay(summary)
@@ -251,6 +257,30 @@ def test_stage0_learns_and_transfers_exactly(tmp_path):
         load_visual(VisionTower(VisionConfig(hidden_size=64, intermediate_size=64, num_hidden_layers=2,
                                              num_attention_heads=2, image_size=64, patch_size=16), [-1], False),
                     visual_state(m.clip))
+
+
+def test_position_heads_ask_each_patch_for_its_own_row_and_column():
+    """With `position`, the aux loss gains exactly two cross-entropies: each patch token against
+    its row-major grid row and column (a swapped or transposed target would not match)."""
+    import torch.nn.functional as F
+
+    from llava_core.train.stage0_clip import AuxHeads, PairBatches
+
+    _, _, targets = PairBatches(VISION, stage0_cfg(1))(0)
+    tokens = torch.randn(len(targets["char"]), VISION.grid ** 2, VISION.hidden_size)  # (B, P, D)
+    torch.manual_seed(0)
+    plain = AuxHeads(VISION)
+    torch.manual_seed(0)
+    heads = AuxHeads(VISION, position=True)  # the shared heads start from the same weights
+    loss0, acc0 = plain(tokens, targets)
+    loss1, acc1 = heads(tokens, targets)
+    x = heads.norm(tokens)
+    g = VISION.grid
+    rows = torch.arange(g).repeat_interleave(g)  # patch p lies in row p // g ...
+    cols = torch.arange(g).repeat(g)  # ... and column p % g
+    want = sum(F.cross_entropy(heads.where[k](x).flatten(0, 1), t.repeat(len(x))) for k, t in (("row", rows), ("col", cols)))
+    assert torch.allclose(loss1 - loss0, want, atol=1e-5)
+    assert {"aux_row_acc", "aux_col_acc"} <= set(acc1) and not {"aux_row_acc", "aux_col_acc"} & set(acc0)
 
 
 def test_clip_visual_is_the_tower():

@@ -204,9 +204,13 @@ def _flat(d, prefix=""):
 
 def config_differences(old: dict, new: dict) -> list[str]:
     """'key: old -> new' for each setting that differs, the loop's budget and step settings aside
-    (a resumed run may be given more time)."""
+    (a resumed run may be given more time). A setting the old record lacks was added to the code
+    after that run; new settings are added switched off (False, 0, None), so one that is still
+    off matches the record, and one switched on does not."""
     a, b = _flat(old), _flat(new)
-    keys = sorted(k for k in set(a) | set(b) if ".loop." not in f".{k}" and a.get(k) != b.get(k))
+    newer_and_off = {k for k in set(b) - set(a) if b[k] in (False, 0, None)}
+    keys = sorted(k for k in set(a) | set(b)
+                  if ".loop." not in f".{k}" and k not in newer_and_off and a.get(k) != b.get(k))
     return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys]
 
 

@@ -2,7 +2,8 @@
 patch tokens the projector sees?
 
 For shape scenes, the mean of the tokens over each 3x3 grid cell predicts that cell's colour
-and shape (or "empty"); the mean over all tokens predicts the object count. For OCR scenes,
+and shape (or "empty"); the mean over all tokens predicts the object count; each single token
+predicts its own grid row and column (what the decoder reads when it attends to one token). For OCR scenes,
 the tokens' mean and max predict the first character and the text length. Each probe is a
 multinomial logistic regression fitted on `n_train` validation-split images and scored on
 `n_test` test-split images (scenes never seen in training).
@@ -58,7 +59,8 @@ def _samples(split: str, n: int, image_size: int, mix: dict, seed: int = 1) -> l
 
 @torch.no_grad()
 def probe_tower(tower: VisionTower, n_train: int = 1500, n_test: int = 500) -> dict[str, float]:
-    """Accuracies: cell colour/shape (occupied cells), count, OCR first character and length."""
+    """Accuracies: cell colour/shape (occupied cells), count, a patch's own row and column, OCR
+    first character and length."""
     size = tower.cfg.image_size
     pool = cell_pool_matrix(tower.cfg)  # (9, P)
     res = {}
@@ -75,6 +77,11 @@ def probe_tower(tower: VisionTower, n_train: int = 1500, n_test: int = 500) -> d
                                          cte, (tte["colour"].flatten() > 0).long()), 4)
     count = lambda ss: torch.tensor([len(s["meta"]["objects"]) - 1 for s in ss])  # noqa: E731
     res["count"] = round(fit_linear(ftr.mean(1), count(tr), fte.mean(1), count(te)), 4)
+    g = tower.cfg.grid
+    for k, y in (("row", torch.arange(g * g) // g), ("col", torch.arange(g * g) % g)):
+        # single patch tokens -> their own grid row / column (300 + 100 images' worth)
+        x, xt = ftr[:300].flatten(0, 1), fte[:100].flatten(0, 1)  # (N*P, D)
+        res[f"patch_{k}"] = round(fit_linear(x, y.repeat(len(x) // (g * g)), xt, y.repeat(len(xt) // (g * g))), 4)
     tr = _samples("validation", n_train, size, {"ocr": 1.0})
     te = _samples("test", n_test, size, {"ocr": 1.0})
     ftr, fte = tower_tokens(tower, tr), tower_tokens(tower, te)

@@ -270,15 +270,20 @@ def char_targets(samples: list[dict], vision: VisionConfig) -> torch.Tensor:
 class AuxHeads(nn.Module):
     """Linear heads on the feature layer's patch tokens: each grid cell's mean -> colour, shape,
     size (or empty); each patch -> the colour and shape of the object over it (or background),
-    or the character over it (or none)."""
+    or the character over it (or none); with `position`, each patch -> its own grid row and
+    column, so a token read by the decoder's attention carries where it lies."""
 
-    def __init__(self, vision: VisionConfig):
+    def __init__(self, vision: VisionConfig, position: bool = False):
         super().__init__()
+        g = vision.grid
         self.register_buffer("pool", cell_pool_matrix(vision), persistent=False)
         self.norm = nn.LayerNorm(vision.hidden_size)
         self.heads = nn.ModuleDict({k: nn.Linear(vision.hidden_size, len(v)) for k, v in CELL_TARGETS.items()})
         self.chars = nn.Linear(vision.hidden_size, len(OCR_CHARS))
         self.patch = nn.ModuleDict({k: nn.Linear(vision.hidden_size, len(CELL_TARGETS[k])) for k in ("colour", "shape")})
+        self.where = nn.ModuleDict({k: nn.Linear(vision.hidden_size, g) for k in ("row", "col")}) if position else None
+        rows = torch.arange(g * g) // g  # (P,) row-major patch order
+        self.register_buffer("rowcol", torch.stack([rows, torch.arange(g * g) % g]), persistent=False)  # (2, P)
 
     def forward(self, tokens: torch.Tensor, targets: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
         # tokens: (B, P, D) patch tokens of the feature layer
@@ -288,6 +293,9 @@ class AuxHeads(nn.Module):
         heads = [(k, head(cells), targets[k]) for k, head in self.heads.items()]
         heads.append(("char", self.chars(x), targets["char"]))  # (B, P, K)
         heads += [(f"patch_{k}", head(x), targets[f"patch_{k}"]) for k, head in self.patch.items()]
+        if self.where is not None:
+            B = x.shape[0]
+            heads += [(k, head(x), self.rowcol[i].expand(B, -1)) for i, (k, head) in enumerate(self.where.items())]
         for k, logits, t in heads:
             ok = t != -100
             if ok.any():
@@ -314,6 +322,7 @@ class Stage0Config:
     mix: dict = field(default_factory=lambda: {"caption_detailed": 0.6, "ocr": 0.2, "document": 0.2})
     augment: float = 0.0  # share of images augmented (train/augment.py: paper, zoom-out, blur, noise)
     aux_weight: float = 1.0  # weight of the auxiliary heads (cells, patches, characters); 0: contrastive only
+    aux_position: bool = False  # also ask each patch token for its own row and column
     feature_layer: int = -1  # the layer the aux heads read (the LLaVA feature layer)
     split: str = "train"
     offset: int = 0  # first sample index
@@ -374,7 +383,7 @@ class Stage0Model(nn.Module):
 
         self.clip = build_clip(vision, cfg.text, cfg.embed_dim, cfg.pool, cfg.sincos_init)
         self.block = vision.num_hidden_layers + cfg.feature_layer if cfg.feature_layer < 0 else cfg.feature_layer - 1
-        self.aux = AuxHeads(vision) if cfg.aux_weight > 0 else None
+        self.aux = AuxHeads(vision, cfg.aux_position) if cfg.aux_weight > 0 else None
         self.aux_weight = cfg.aux_weight
         self.loss = ClipLoss(local_loss=dist.enabled, gather_with_grad=dist.enabled, rank=dist.rank,
                              world_size=dist.world)
