@@ -322,7 +322,9 @@ class Stage0Config:
     mix: dict = field(default_factory=lambda: {"caption_detailed": 0.6, "ocr": 0.2, "document": 0.2})
     augment: float = 0.0  # share of images augmented (train/augment.py: paper, zoom-out, blur, noise)
     aux_weight: float = 1.0  # weight of the auxiliary heads (cells, patches, characters); 0: contrastive only
-    aux_position: bool = False  # also ask each patch token for its own row and column
+    # also ask each patch token for its own row and column. Tried with the shipped run's steps:
+    # position became 99.9% readable per token, answers did not improve (weights/README.md)
+    aux_position: bool = False
     feature_layer: int = -1  # the layer the aux heads read (the LLaVA feature layer)
     split: str = "train"
     offset: int = 0  # first sample index
