@@ -5,9 +5,8 @@ For shape scenes, the mean of the tokens over each 3x3 grid cell predicts that c
 and shape (or "empty"); the mean over all tokens predicts the object count; each single token
 predicts its own grid row and column (what the decoder reads when it attends to one token).
 For OCR scenes, the tokens' mean and max predict the first character and the text length.
-Each probe is a
-multinomial logistic regression fitted on `n_train` validation-split images and scored on
-`n_test` test-split images (scenes never seen in training).
+Each probe is a multinomial logistic regression fitted on `n_train` validation-split images
+and scored on `n_test` test-split images (scenes never seen in training).
 """
 
 from __future__ import annotations
