@@ -77,10 +77,10 @@ def probe_tower(tower: VisionTower, n_train: int = 1500, n_test: int = 500) -> d
                                          cte, (tte["colour"].flatten() > 0).long()), 4)
     count = lambda ss: torch.tensor([len(s["meta"]["objects"]) - 1 for s in ss])  # noqa: E731
     res["count"] = round(fit_linear(ftr.mean(1), count(tr), fte.mean(1), count(te)), 4)
+    # single patch tokens -> their own grid row / column (300 + 100 images' worth)
     g = tower.cfg.grid
-    for k, y in (("row", torch.arange(g * g) // g), ("col", torch.arange(g * g) % g)):
-        # single patch tokens -> their own grid row / column (300 + 100 images' worth)
-        x, xt = ftr[:300].flatten(0, 1), fte[:100].flatten(0, 1)  # (N*P, D)
+    x, xt = ftr[:300].flatten(0, 1), fte[:100].flatten(0, 1)  # (N*P, D), image by image
+    for k, y in (("row", torch.arange(g * g) // g), ("col", torch.arange(g * g) % g)):  # (P,) row-major
         res[f"patch_{k}"] = round(fit_linear(x, y.repeat(len(x) // (g * g)), xt, y.repeat(len(xt) // (g * g))), 4)
     tr = _samples("validation", n_train, size, {"ocr": 1.0})
     te = _samples("test", n_test, size, {"ocr": 1.0})

@@ -281,9 +281,8 @@ class AuxHeads(nn.Module):
         self.heads = nn.ModuleDict({k: nn.Linear(vision.hidden_size, len(v)) for k, v in CELL_TARGETS.items()})
         self.chars = nn.Linear(vision.hidden_size, len(OCR_CHARS))
         self.patch = nn.ModuleDict({k: nn.Linear(vision.hidden_size, len(CELL_TARGETS[k])) for k in ("colour", "shape")})
+        self.grid = g
         self.where = nn.ModuleDict({k: nn.Linear(vision.hidden_size, g) for k in ("row", "col")}) if position else None
-        rows = torch.arange(g * g) // g  # (P,) row-major patch order
-        self.register_buffer("rowcol", torch.stack([rows, torch.arange(g * g) % g]), persistent=False)  # (2, P)
 
     def forward(self, tokens: torch.Tensor, targets: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
         # tokens: (B, P, D) patch tokens of the feature layer
@@ -294,8 +293,9 @@ class AuxHeads(nn.Module):
         heads.append(("char", self.chars(x), targets["char"]))  # (B, P, K)
         heads += [(f"patch_{k}", head(x), targets[f"patch_{k}"]) for k, head in self.patch.items()]
         if self.where is not None:
-            B = x.shape[0]
-            heads += [(k, head(x), self.rowcol[i].expand(B, -1)) for i, (k, head) in enumerate(self.where.items())]
+            p = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)  # (B, P) row-major patch index
+            where = {"row": p // self.grid, "col": p % self.grid}
+            heads += [(k, head(x), where[k]) for k, head in self.where.items()]
         for k, logits, t in heads:
             ok = t != -100
             if ok.any():
