@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from llava_core.config import LlavaConfig, TextConfig, VisionConfig
+from llava_core.llama import cpu_has_fast_bf16
 from llava_core.llava import LlavaModel
 from llava_core.processor import ImageConfig, LlavaProcessor
 from llava_core.testing import LLAVA15_CHAT_TEMPLATE, make_tokenizer
@@ -198,6 +199,17 @@ def test_replay_sets_the_recorded_steps_and_refuses_other_settings():
     off.replay(summary)  # ... matches it switched off, as new settings come
     with pytest.raises(ValueError, match="aux_position: None -> True"):
         on.replay(summary)
+    # autocast "auto" (the recipe's) is chosen per machine: a replay uses what the run recorded
+    fixed = Recipe()
+    fixed.stage1.autocast = fixed.stage2.autocast = None
+    summary["recipe"]["stage1"]["autocast"] = "bfloat16"  # run_recipe records the choice made
+    summary["recipe"]["stage2"]["autocast"] = None
+    r = Recipe().replay(summary)
+    assert (r.stage1.autocast, r.stage2.autocast) == ("bfloat16", None)
+    with pytest.raises(ValueError, match="stage1.autocast: 'bfloat16' -> None"):
+        fixed.replay(summary)  # an explicit setting must match
+    del summary["recipe"]["stage1"]["autocast"]  # a record from before the setting: fp32
+    assert Recipe().replay(summary).stage1.autocast is None
     del summary["stages"]["1"]["planned_steps"]
     with pytest.raises(ValueError, match="stage 1"):
         Recipe().replay(summary)
@@ -330,6 +342,25 @@ def test_lora_fits_the_decoder_and_merges(tmp_path, processor):
         assert not any("lora" in n for n, _ in merged_model.named_parameters())
         merged = merged_model(ids, px)
     assert (merged - unmerged).abs().max() <= 1e-5
+
+
+def test_bf16_autocast_stage2_learns_with_fp32_weights(tmp_path, processor):
+    """autocast="bfloat16" changes the forward's precision only: the first loss is fp32's to
+    bf16's precision (tolerance 2%: 8-bit mantissas through two blocks), the loss falls, and the
+    adapters and projector the optimizer updates stay fp32."""
+    first = {}
+    for name, autocast in (("fp32", None), ("bf16", "bfloat16")):
+        model = tiny_model(processor)
+        train_stage2(tmp_path / name, model, processor, dataclasses.replace(s2(12), autocast=autocast), threads=1)
+        first[name] = losses(tmp_path / name, "stage2")[0]
+        trained = [p for n, p in model.named_parameters() if "lora_" in n or n.startswith("projector.")]
+        assert trained and all(p.dtype == torch.float32 for p in trained)
+    assert falls(losses(tmp_path / "bf16", "stage2"))
+    assert first["bf16"] != first["fp32"]  # the setting reached the step
+    assert abs(first["bf16"] - first["fp32"]) <= 0.02 * first["fp32"]
+    with pytest.raises(ValueError, match="autocast='fp8'"):
+        train_stage1(tmp_path / "bad", tiny_model(processor), processor, dataclasses.replace(s1(2), autocast="fp8"),
+                     threads=1)
 
 
 @pytest.mark.parametrize("stage", [0, 2])
@@ -492,7 +523,7 @@ def test_ddp_ranks_agree_on_the_plan_and_the_budget_stop(tmp_path):
 
 def test_run_recipe_writes_every_stage_and_the_parts(tmp_path, processor):
     recipe = Recipe(vision=VISION, budget_minutes=None, probe=False, eval_samples=4, threads=1,
-                    stage0=stage0_cfg(3), stage1=s1(3), stage2=s2(3))
+                    stage0=stage0_cfg(3), stage1=s1(3), stage2=dataclasses.replace(s2(3), autocast="auto"))
     saved = {}
 
     def save(model, folder, lora, lora_cfg, extra_files):
@@ -507,7 +538,9 @@ def test_run_recipe_writes_every_stage_and_the_parts(tmp_path, processor):
     assert "validation" not in summary and "overall" in summary["stages"]["2"]["eval"]
     assert saved["folder"] == tmp_path / "parts" and saved["r"] == 4
     assert any("lora_B" in k for k in saved["lora"])
-    assert json.loads((tmp_path / "train" / "summary.json").read_text())["stages"]["1"]["steps"] == 3
+    written = json.loads((tmp_path / "train" / "summary.json").read_text())
+    assert written["stages"]["1"]["steps"] == 3
+    assert written["recipe"]["stage2"]["autocast"] == ("bfloat16" if cpu_has_fast_bf16() else None)
     # stage 2 alone picks up the outputs of stages 0 and 1 from the folder
     run_recipe(tmp_path, recipe, stages=(2,), **kw)
     with pytest.raises(FileNotFoundError, match="stage 0"):

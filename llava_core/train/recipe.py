@@ -40,7 +40,7 @@ import torch
 
 from ..config import VisionConfig
 from ..atomic import atomic_write_text
-from .common import Dist, LoopConfig, config_differences, init_distributed, setup_torch
+from .common import Dist, LoopConfig, config_differences, init_distributed, resolve_autocast, setup_torch
 from .stage0_clip import Stage0Config, load_visual, train_stage0, visual_state
 from .stage1_align import Stage1Config, train_stage1
 from .stage2_instruct import Stage2Config, lora_state, train_stage2
@@ -61,7 +61,8 @@ class Recipe:
     feature_layer: int = -1  # the tower is trained for this layer: its last block
     strategy: str = "default"  # drop CLS
     projector: str = "mlp2x_gelu"
-    dtype: str = "float32"  # fp32 trains faster than bf16 autocast on this CPU
+    # the model's weights; stages 1-2 may compute in bf16 through their `autocast` setting
+    dtype: str = "float32"
     budget_minutes: float | None = 55.0  # the whole recipe; None: each stage's own loop settings
     # of the budget left after the reserve. Stage 0 sees ~35x the samples per second of stages
     # 1-2 and is where shape must be learnt (the slowest skill): in the first shipped run its
@@ -72,8 +73,10 @@ class Recipe:
     # half of stage 0's images augmented (paper, zoom-out, blur, noise): in r4 the shifted split
     # rose from 30.0% to 35.3% with test unchanged at 41.0% (weights/README.md)
     stage0: Stage0Config = field(default_factory=lambda: Stage0Config(augment=0.5))
-    stage1: Stage1Config = field(default_factory=Stage1Config)
-    stage2: Stage2Config = field(default_factory=Stage2Config)
+    # stages 1-2 compute in bf16 where the CPU has native bf16 (0.64x the step time there,
+    # benchmarks/README.md), in fp32 elsewhere; the run records which
+    stage1: Stage1Config = field(default_factory=lambda: Stage1Config(autocast="auto"))
+    stage2: Stage2Config = field(default_factory=lambda: Stage2Config(autocast="auto"))
     probe: bool = True  # linear probes of the tower after stage 0 (~1 min)
     eval_samples: int = 96  # validation questions answered after stage 2 (0: none)
     seed: int = 0
@@ -83,7 +86,11 @@ class Recipe:
         """This recipe set to run the optimizer steps a finished run recorded (its training.json or
         train/summary.json), with that run's schedule lengths, and no time budget: a run stopped by
         its budget is then reproduced on any machine, however fast or loaded."""
-        differ = config_differences(summary.get("recipe", {}), _jsonable(asdict(self)))
+        recorded = summary.get("recipe", {})
+        for s, cfg in ((1, self.stage1), (2, self.stage2)):
+            if cfg.autocast == "auto":  # chosen per machine; the replay uses what the run used
+                cfg.autocast = recorded.get(f"stage{s}", {}).get("autocast")
+        differ = config_differences(recorded, _jsonable(asdict(self)))
         if differ:
             raise ValueError(f"--replay: the recorded run used other settings ({'; '.join(differ[:6])})")
         self.budget_minutes = None
@@ -169,6 +176,8 @@ def run_recipe(out_dir: str | Path, recipe: Recipe | None = None, stages=STAGES,
     out_dir (e.g. --stage 2 after stages 0 and 1). With resume, a finished stage is skipped
     and an interrupted one continues from its checkpoint."""
     recipe = copy.deepcopy(recipe or default_recipe())
+    for cfg in (recipe.stage1, recipe.stage2):  # "auto" recorded as what it chose on this machine
+        cfg.autocast = resolve_autocast(cfg.autocast)
     stages = tuple(sorted(set(stages)))
     out, train_dir = Path(out_dir), Path(out_dir) / "train"
     dist = init_distributed()

@@ -56,6 +56,7 @@ class Stage2Config:
     curriculum: float = 0.25  # fraction of the steps over which the mix moves from easy_mix to mix
     train_tower_blocks: int = 0  # > 0: also train the tower's last k blocks (LLaVA keeps it frozen)
     tower_lr: float = 1e-4
+    autocast: str | None = None  # "bfloat16"/"auto": the step's forward under torch.autocast (Stage1Config)
     bucket: int = 8
     max_len: int | None = None
     split: str = "train"
@@ -155,7 +156,7 @@ def train_stage2(out_dir: str | Path, model, processor, cfg: Stage2Config, resum
     batches = ChatBatches(processor, data, cfg.batch_size, mix_at=lambda s: mix_at(cfg, s, holder["total"]),
                           split=cfg.split, offset=cfg.offset, bucket=cfg.bucket, max_len=cfg.max_len,
                           seed=cfg.seed, rank=dist.rank, world=dist.world, turns=cfg.turns)
-    step_module = wrap_ddp(AnswerStep(model, train_tower=cfg.train_tower_blocks > 0), dist)
+    step_module = wrap_ddp(AnswerStep(model, train_tower=cfg.train_tower_blocks > 0, autocast=cfg.autocast), dist)
 
     def step_fn(step, total=None):
         holder["total"] = total
