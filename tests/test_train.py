@@ -358,9 +358,11 @@ def test_bf16_autocast_stage2_learns_with_fp32_weights(tmp_path, processor):
     assert falls(losses(tmp_path / "bf16", "stage2"))
     assert first["bf16"] != first["fp32"]  # the setting reached the step
     assert abs(first["bf16"] - first["fp32"]) <= 0.02 * first["fp32"]
+    bad = tiny_model(processor)
+    before = {k: v.clone() for k, v in bad.projector.state_dict().items()}
     with pytest.raises(ValueError, match="autocast='fp8'"):
-        train_stage1(tmp_path / "bad", tiny_model(processor), processor, dataclasses.replace(s1(2), autocast="fp8"),
-                     threads=1)
+        train_stage1(tmp_path / "bad", bad, processor, dataclasses.replace(s1(2), autocast="fp8"), threads=1)
+    assert all(torch.equal(bad.projector.state_dict()[k], v) for k, v in before.items())  # refused before any change
 
 
 @pytest.mark.parametrize("stage", [0, 2])

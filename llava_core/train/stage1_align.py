@@ -121,10 +121,10 @@ def train_stage1(out_dir: str | Path, model, processor, cfg: Stage1Config, resum
     data = DataConfig(image_size=model.cfg.vision.image_size, seed=cfg.seed, mix=dict(cfg.mix))
     batches = ChatBatches(processor, data, cfg.batch_size, split=cfg.split, offset=cfg.offset,
                           bucket=cfg.bucket, max_len=cfg.max_len, seed=cfg.seed, rank=dist.rank, world=dist.world)
+    step_module = wrap_ddp(AnswerStep(model, autocast=cfg.autocast), dist)  # checks cfg.autocast first
     if cfg.match_scale:  # before the loop: a resumed run then loads its checkpoint over it
         factor = match_embedding_scale(model, batches(0).pixel_values)
         log.info("stage1: projector output scaled by %.3f to the token embeddings' norm", factor)
-    step_module = wrap_ddp(AnswerStep(model, autocast=cfg.autocast), dist)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
 
     def step_fn(step, total=None):
