@@ -87,19 +87,27 @@ class Recipe:
         train/summary.json), with that run's schedule lengths, and no time budget: a run stopped by
         its budget is then reproduced on any machine, however fast or loaded."""
         recorded = summary.get("recipe", {})
-        for s, cfg in ((1, self.stage1), (2, self.stage2)):
+        for s, cfg in self.autocast_stages().items():
             if cfg.autocast == "auto":  # chosen per machine; the replay uses what the run used
                 cfg.autocast = recorded.get(f"stage{s}", {}).get("autocast")
         differ = config_differences(recorded, _jsonable(asdict(self)))
         if differ:
             raise ValueError(f"--replay: the recorded run used other settings ({'; '.join(differ[:6])})")
         self.budget_minutes = None
-        for s, cfg in zip(STAGES, (self.stage0, self.stage1, self.stage2)):
+        for s, cfg in self.stage_configs().items():
             rec = summary.get("stages", {}).get(str(s), {})
             if "steps" not in rec or "planned_steps" not in rec:
                 raise ValueError(f"--replay: stage {s} has no recorded 'steps' and 'planned_steps'")
             cfg.loop = replace(cfg.loop, steps=rec["planned_steps"], stop_at=rec["steps"], budget_s=None)
         return self
+
+    def stage_configs(self) -> dict:
+        """{stage number: its config}; each has a `loop` (LoopConfig)."""
+        return {0: self.stage0, 1: self.stage1, 2: self.stage2}
+
+    def autocast_stages(self) -> dict:
+        """The stages with an `autocast` setting (those that run the decoder)."""
+        return {1: self.stage1, 2: self.stage2}
 
     def stage_budgets(self, stages=STAGES) -> dict[int, float | None]:
         """Seconds per stage: the budget less the reserve, split by `shares` over the stages run."""
@@ -176,14 +184,14 @@ def run_recipe(out_dir: str | Path, recipe: Recipe | None = None, stages=STAGES,
     out_dir (e.g. --stage 2 after stages 0 and 1). With resume, a finished stage is skipped
     and an interrupted one continues from its checkpoint."""
     recipe = copy.deepcopy(recipe or default_recipe())
-    for cfg in (recipe.stage1, recipe.stage2):  # "auto" recorded as what it chose on this machine
+    for cfg in recipe.autocast_stages().values():  # "auto" recorded as what it chose on this machine
         cfg.autocast = resolve_autocast(cfg.autocast)
     stages = tuple(sorted(set(stages)))
     out, train_dir = Path(out_dir), Path(out_dir) / "train"
     dist = init_distributed()
     setup_torch(recipe.threads, recipe.seed)
     budgets = recipe.stage_budgets(stages)
-    for s, cfg in zip(STAGES, (recipe.stage0, recipe.stage1, recipe.stage2)):
+    for s, cfg in recipe.stage_configs().items():
         if budgets[s] is not None:
             cfg.loop.budget_s = budgets[s]
     t_start = time.perf_counter()
