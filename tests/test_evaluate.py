@@ -170,3 +170,17 @@ def test_run_eval_command(tiny_ckpt, jsonl, tmp_path, capsys):
     assert json.loads((tmp_path / "out" / "results.json").read_text()) == results
     assert len((tmp_path / "preds.jsonl").read_text().splitlines()) == 3
     assert "| **overall** |" in capsys.readouterr().out
+
+
+def test_shared_overall_compares_splits_on_the_types_they_share():
+    """Split b lacks ocr: its overall is over colour and yesno alone, and so must the shared row be,
+    for both splits, weighted by each type's count; a table of like splits gets no such row."""
+    a = {"colour": {"n": 4, "acc": 0.5}, "yesno": {"n": 6, "acc": 1.0}, "ocr": {"n": 10, "acc": 0.0},
+         "caption_short": {"n": 2, "acc": 0.0, "f1": 0.5}, "overall": {"n": 20, "acc": 0.4}}
+    b = {"colour": {"n": 2, "acc": 1.0}, "yesno": {"n": 2, "acc": 0.0}, "overall": {"n": 4, "acc": 0.5}}
+    shared = ev.shared_overall({"a": a, "b": b})
+    assert shared["a"] == pytest.approx({"n": 10, "acc": 0.8})  # (2 + 6) / 10: ocr and captions out
+    assert shared["b"] == pytest.approx({"n": 4, "acc": 0.5})
+    last = ev.format_table({"a": a, "b": b}).split("\n\n")[0].splitlines()[-1]
+    assert last == "| overall, types every split has | 80.0 (10) | 50.0 (4) |"
+    assert "types every split has" not in ev.format_table({"a": a, "b": dict(a)})
