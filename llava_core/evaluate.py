@@ -244,6 +244,8 @@ def shared_overall(results: dict) -> dict:
     The held-out split draws only shape scenes (its held-out attribute combinations), so it has
     no OCR or document questions; its "overall" then averages easier types than test's. This
     compares splits on the same types, each weighted by its own count."""
+    if not results:
+        return {}
     shared = set.intersection(*(set(r) for r in results.values())) - {"overall", *CAPTION_QTYPES}
     out = {}
     for split, table in results.items():
