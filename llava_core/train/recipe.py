@@ -77,8 +77,9 @@ class Recipe:
     # benchmarks/README.md), in fp32 elsewhere; the run records which
     stage1: Stage1Config = field(default_factory=lambda: Stage1Config(autocast="auto"))
     # stage 2's learning rates at 3x Stage2Config's: rerun from one tower and stage-1 projector
-    # for the same 411 steps, 1x / 2x / 3x gave 41.0 / 44.1 / 45.7% on the test split and
-    # 252 / 275 / 287 right of 569 over test, held-out and shifted (weights/README.md)
+    # for the same 411 steps, 1x / 2x / 3x / 4x gave 41.0 / 44.1 / 45.7 / 42.6% on the test
+    # split and 252 / 275 / 287 / 260 right of 569 over test, held-out and shifted
+    # (weights/README.md)
     stage2: Stage2Config = field(default_factory=lambda: Stage2Config(
         lr=1.5e-3, projector_lr=6e-4, autocast="auto"))
     probe: bool = True  # linear probes of the tower after stage 0 (~1 min)
