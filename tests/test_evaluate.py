@@ -184,4 +184,6 @@ def test_shared_overall_compares_splits_on_the_types_they_share():
     last = ev.format_table({"a": a, "b": b}).split("\n\n")[0].splitlines()[-1]
     assert last == "| overall, types every split has | 80.0 (10) | 50.0 (4) |"
     assert "types every split has" not in ev.format_table({"a": a, "b": dict(a)})
+    no_captions = {q: v for q, v in a.items() if q != "caption_short"}  # captions are not scored
+    assert "types every split has" not in ev.format_table({"a": a, "b": no_captions})
     assert ev.shared_overall({}) == {}
