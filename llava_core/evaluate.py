@@ -273,8 +273,9 @@ def format_table(results: dict) -> str:
                 cells.append(f"{100 * r['acc']:.1f} ({r['n']})")
         name = f"**{q}**" if q == "overall" else q + (" †" if q in CAPTION_QTYPES else "")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    if any(q not in results[s] for s in splits for q in qtypes if q not in CAPTION_QTYPES):
-        cells = [f"{100 * r['acc']:.1f} ({r['n']})" for r in shared_overall(results).values()]
+    shared = shared_overall(results)
+    if any(shared[s]["n"] != results[s]["overall"]["n"] for s in splits):  # a split has types others lack
+        cells = [f"{100 * r['acc']:.1f} ({r['n']})" for r in shared.values()]
         lines.append("| overall, types every split has | " + " | ".join(cells) + " |")
     if any(q in CAPTION_QTYPES for q in qtypes):
         lines.append("\n† exact match / token F1; captions are not counted in overall.")
