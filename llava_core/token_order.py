@@ -1,0 +1,161 @@
+"""Token-order interventions: does the decoder read *where* a thing is from an image token's
+content, or from the token's place in the sequence?
+
+The decoder sees an image as grid_h x grid_w tokens in row-major order. Rotary positions give
+each token a place but leave its value vector alone, so there are two routes to "where": the
+token's content (the tower's position embedding survives into its features) or its place
+(attention that prefers early or late image tokens). Reordering the tokens after the projector
+keeps every token's content and moves only its place. If an answer follows the reorder, the
+decoder read the place; if it stays, the content.
+
+`reordered(model, mode)` puts a reorder in place for the passes run inside it; `position_route`
+measures, for left/right and top/bottom questions about objects in the outer columns and rows
+of synthetic shape scenes, the next-token logit gap between the two answers under each reorder.
+
+    python -m llava_core.token_order default --n 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+from typing import Iterator
+
+import torch
+
+MODES = ("none", "rows_reversed", "cols_reversed", "transposed")
+# (question form, first answer, second answer, object key, value meaning the first answer)
+AXES = (("left/right", "left", "right", "col", 0), ("top/bottom", "top", "bottom", "row", 0))
+
+
+def reorder_grid(x: torch.Tensor, grid_h: int, grid_w: int, mode: str) -> torch.Tensor:
+    """x: (N, P, C) image tokens in row-major order, P = grid_h * grid_w, or 1 + that with a
+    leading CLS token (kept first) -> the same tokens in the order `mode` names."""
+    if mode not in MODES:
+        raise ValueError(f"reorder_grid: mode={mode!r}, expected one of {MODES}")
+    cls = x.shape[1] - grid_h * grid_w
+    if cls not in (0, 1):
+        raise ValueError(f"reorder_grid: {x.shape[1]} tokens per image in shape {tuple(x.shape)}, "
+                         f"expected a {grid_h}x{grid_w} grid ({grid_h * grid_w}), CLS optional")
+    g = x[:, cls:].reshape(x.shape[0], grid_h, grid_w, x.shape[2])  # (N, H, W, C)
+    if mode == "rows_reversed":
+        g = g.flip(1)
+    elif mode == "cols_reversed":
+        g = g.flip(2)
+    elif mode == "transposed":  # column-major: a column becomes a run of neighbouring places
+        g = g.transpose(1, 2)
+    return torch.cat([x[:, :cls], g.reshape(x.shape[0], grid_h * grid_w, x.shape[2])], dim=1)
+
+
+@contextlib.contextmanager
+def reordered(model, mode: str) -> Iterator[None]:
+    """Inside the block, model.image_features returns its tokens reordered by `mode`; the model's
+    own method is back on exit, also after an error."""
+    if mode not in MODES:
+        raise ValueError(f"reordered: mode={mode!r}, expected one of {MODES}")
+    grid = model.cfg.vision.image_size // model.cfg.vision.patch_size
+    own = model.image_features
+    model.image_features = lambda pixel_values: reorder_grid(own(pixel_values), grid, grid, mode)
+    try:
+        yield
+    finally:
+        del model.image_features  # the instance attribute; the class's method shows again
+
+
+def _first_token(tokenizer, word: str) -> int:
+    return tokenizer.encode(word, add_special_tokens=False)[0]
+
+
+def scenes(n: int, image_size: int, split: str = "test", seed: int = 0) -> list[tuple]:
+    """(image, object) for the first n shape scenes of `split` holding an object outside the
+    middle column and row (its first such object)."""
+    from .data import DataConfig, make_sample
+
+    cfg = DataConfig(image_size=image_size, seed=seed)
+    out, i = [], 0
+    while len(out) < n:
+        if i > 200 * n:
+            raise RuntimeError(f"scenes: found {len(out)} of {n} corner objects in {i} {split} samples")
+        s = make_sample(split, i, cfg)
+        i += 1
+        if s["meta"]["kind"] == "shapes":
+            corner = [o for o in s["meta"]["objects"] if o["col"] != 1 and o["row"] != 1]
+            if corner:
+                out.append((s["image"], corner[0]))
+    return out
+
+
+@torch.no_grad()
+def logit_gaps(model, processor, items: list[tuple]) -> dict:
+    """{axis: [(true answer, logit(first) - logit(second))]}: one question per object and axis,
+    the first wording of LR_QS / TB_QS, answered from the chat template's generation prompt."""
+    from .data.questions import LR_QS, TB_QS, _pair
+
+    out = {}
+    for (axis, first, second, key, first_value), template in zip(AXES, (LR_QS[0], TB_QS[0])):
+        a, b = _first_token(processor.tokenizer, first), _first_token(processor.tokenizer, second)
+        rows = []
+        for image, obj in items:
+            conv = [{"role": "user", "content": [{"type": "image"},
+                                                 {"type": "text", "text": template.format(obj=_pair(obj))}]}]
+            text = processor.apply_chat_template(conv, add_generation_prompt=True)
+            enc = processor(text=[text], images=[[image]], return_tensors="pt")
+            px = enc["pixel_values"].to(model.device, model.dtype)
+            logits = model(enc["input_ids"].to(model.device), pixel_values=px)[0, -1].float()  # (V,)
+            rows.append((first if obj[key] == first_value else second, float(logits[a] - logits[b])))
+        out[axis] = rows
+    return out
+
+
+def position_route(model, processor, n: int = 30, split: str = "test", seed: int = 0,
+                   modes=MODES) -> dict:
+    """{mode: {axis: {"gap | first", "gap | second", "separation"}}}: the mean logit gap
+    (first answer minus second) when the first / the second answer is right, and their
+    difference. Separation > 0: the model tells the two apart; a sign that flips under a reorder
+    of that axis means it read the token's place, not its content."""
+    items = scenes(n, model.cfg.vision.image_size, split, seed)
+    table = {}
+    for mode in modes:
+        with reordered(model, mode):
+            gaps = logit_gaps(model, processor, items)
+        table[mode] = {}
+        for axis, first, second, _, _ in AXES:
+            m1 = statistics.mean([g for ans, g in gaps[axis] if ans == first] or [float("nan")])
+            m2 = statistics.mean([g for ans, g in gaps[axis] if ans == second] or [float("nan")])
+            table[mode][axis] = {f"gap | {first}": m1, f"gap | {second}": m2, "separation": m1 - m2}
+    return table
+
+
+def format_route(table: dict) -> str:
+    lines = ["| image tokens | " + " | ".join(f"{axis} separation" for axis, *_ in AXES) + " |",
+             "|---|" + "---|" * len(AXES)]
+    for mode, row in table.items():
+        lines.append(f"| {mode} | " + " | ".join(f"{row[axis]['separation']:+.2f}" for axis, *_ in AXES) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    from .atomic import atomic_write_text
+    from .loader import load_pretrained
+    from .model_cache import resolve_model
+    from .processor import LlavaProcessor
+
+    p = argparse.ArgumentParser(prog="python -m llava_core.token_order", description=__doc__.split("\n\n")[0])
+    p.add_argument("model", help="a llava-hf folder, a parts folder, or 'default'")
+    p.add_argument("--n", type=int, default=30, help="shape scenes (each asked both questions per order)")
+    p.add_argument("--split", default="test")
+    p.add_argument("--out", help="also write the table as JSON here")
+    args = p.parse_args(argv)
+    folder = resolve_model(args.model)
+    model = load_pretrained(folder).eval()
+    table = position_route(model, LlavaProcessor.from_pretrained(folder), args.n, args.split)
+    print(format_route(table))
+    if args.out:
+        atomic_write_text(args.out, json.dumps(table, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
