@@ -13,6 +13,7 @@ scenes, plus OCR and document questions so text images are aligned too.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -68,8 +69,9 @@ class AnswerStep(nn.Module):
         from .batches import Batch
 
         m = self.model
-        on = self.autocast is not None
-        with torch.autocast(pixel_values.device.type, dtype=self.autocast or torch.bfloat16, enabled=on):
+        compute = (torch.autocast(pixel_values.device.type, dtype=self.autocast) if self.autocast is not None
+                   else contextlib.nullcontext())
+        with compute:
             with torch.set_grad_enabled(self.train_tower and torch.is_grad_enabled()):
                 feats = m.vision_tower(pixel_values.to(m.dtype))  # (B, P, Dv)
             image_features = m.projector(feats)  # (B, P, C)
