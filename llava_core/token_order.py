@@ -52,7 +52,9 @@ def reorder_grid(x: torch.Tensor, grid_h: int, grid_w: int, mode: str) -> torch.
 @contextlib.contextmanager
 def reordered(model, mode: str) -> Iterator[None]:
     """Inside the block, model.image_features returns its tokens reordered by `mode`; the model's
-    own method is back on exit, also after an error."""
+    own method is back on exit, also after an error. Passes through model.image_features see it
+    (forward, generation, evaluation); the training steps call the tower and projector
+    themselves and do not."""
     if mode not in MODES:
         raise ValueError(f"reordered: mode={mode!r}, expected one of {MODES}")
     grid = model.cfg.vision.image_size // model.cfg.vision.patch_size
