@@ -71,3 +71,21 @@ def test_position_route_reports_the_logit_gaps_it_measured(ours):
                 assert row["separation"] == pytest.approx(row[f"gap | {first}"] - row[f"gap | {second}"])
     assert table["cols_reversed"]["left/right"] != table["none"]["left/right"]
     assert "| cols_reversed |" in format_route(table)
+
+
+def test_command_prints_and_writes_the_table(ours, tiny_ckpt, tmp_path, capsys):
+    import json
+
+    from llava_core.token_order import main
+
+    out = tmp_path / "route.json"
+    assert main([str(tiny_ckpt), "--n", "4", "--out", str(out)]) == 0
+    table = json.loads(out.read_text())
+    assert set(table) == {"none", "rows_reversed", "cols_reversed", "transposed"}
+    model, processor = ours
+    want = position_route(model, processor, n=4, modes=("transposed",))["transposed"]["top/bottom"]
+    assert table["transposed"]["top/bottom"]["separation"] == pytest.approx(want["separation"], abs=1e-5)  # rows 0 and 2 both among the 4
+    printed = capsys.readouterr().out
+    assert "| image tokens | left/right separation | top/bottom separation |" in printed
+    assert [line.split(" | ")[0] for line in printed.splitlines() if line.startswith("| ") and "---" not in line][1:] == \
+        ["| none", "| rows_reversed", "| cols_reversed", "| transposed"]
