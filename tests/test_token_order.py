@@ -84,8 +84,9 @@ def test_command_prints_and_writes_the_table(ours, tiny_ckpt, tmp_path, capsys):
     assert set(table) == {"none", "rows_reversed", "cols_reversed", "transposed"}
     model, processor = ours
     want = position_route(model, processor, n=4, modes=("transposed",))["transposed"]["top/bottom"]
-    assert table["transposed"]["top/bottom"]["separation"] == pytest.approx(want["separation"], abs=1e-5)  # rows 0 and 2 both among the 4
+    got = table["transposed"]["top/bottom"]["separation"]
+    assert got == pytest.approx(want["separation"], abs=1e-5)  # finite: rows 0 and 2 are both among the 4
     printed = capsys.readouterr().out
     assert "| image tokens | left/right separation | top/bottom separation |" in printed
-    assert [line.split(" | ")[0] for line in printed.splitlines() if line.startswith("| ") and "---" not in line][1:] == \
-        ["| none", "| rows_reversed", "| cols_reversed", "| transposed"]
+    rows = [line.split(" | ")[0] for line in printed.splitlines() if line.startswith("| ") and "---" not in line]
+    assert rows[1:] == ["| none", "| rows_reversed", "| cols_reversed", "| transposed"]
