@@ -58,12 +58,16 @@ def reordered(model, mode: str) -> Iterator[None]:
     if mode not in MODES:
         raise ValueError(f"reordered: mode={mode!r}, expected one of {MODES}")
     grid = model.cfg.vision.image_size // model.cfg.vision.patch_size
+    before = model.__dict__.get("image_features")  # an outer reorder, when nested
     own = model.image_features
     model.image_features = lambda pixel_values: reorder_grid(own(pixel_values), grid, grid, mode)
     try:
         yield
     finally:
-        del model.image_features  # the instance attribute; the class's method shows again
+        if before is None:
+            del model.image_features  # the instance attribute; the class's method shows again
+        else:
+            model.image_features = before
 
 
 def _first_token(tokenizer, word: str) -> int:
@@ -98,6 +102,9 @@ def logit_gaps(model, processor, items: list[tuple]) -> dict:
     out = {}
     for (axis, first, second, key, first_value), template in zip(AXES, (LR_QS[0], TB_QS[0])):
         a, b = _first_token(processor.tokenizer, first), _first_token(processor.tokenizer, second)
+        if a == b:
+            raise ValueError(f"logit_gaps: {first!r} and {second!r} start with the same token ({a}) "
+                             "in this tokenizer, so their logit gap says nothing")
         rows = []
         for image, obj in items:
             conv = [{"role": "user", "content": [{"type": "image"},

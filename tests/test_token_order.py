@@ -54,6 +54,12 @@ def test_reordered_changes_only_the_token_order_and_restores_the_model(ours):
         with reordered(model, "transposed"):
             raise RuntimeError("boom")
     torch.testing.assert_close(model(ids, pixel_values=px), plain_logits, rtol=0, atol=0)
+    with reordered(model, "rows_reversed"), reordered(model, "rows_reversed"):  # nested: twice is none
+        torch.testing.assert_close(model.image_features(px), plain_feats, rtol=0, atol=0)
+        with reordered(model, "cols_reversed"):
+            pass
+        torch.testing.assert_close(model.image_features(px), plain_feats, rtol=0, atol=0)
+    assert "image_features" not in model.__dict__
 
 
 def test_position_route_reports_the_logit_gaps_it_measured(ours):
@@ -90,3 +96,15 @@ def test_command_prints_and_writes_the_table(ours, tiny_ckpt, tmp_path, capsys):
     assert "| image tokens | left/right separation | top/bottom separation |" in printed
     rows = [line.split(" | ")[0] for line in printed.splitlines() if line.startswith("| ") and "---" not in line]
     assert rows[1:] == ["| none", "| rows_reversed", "| cols_reversed", "| transposed"]
+
+
+def test_logit_gaps_refuses_answers_sharing_a_first_token(ours):
+    class OneToken:  # every word starts with token 5
+        def encode(self, text, add_special_tokens=False):
+            return [5, 6]
+
+    class Proc:
+        tokenizer = OneToken()
+
+    with pytest.raises(ValueError, match="'left' and 'right' start with the same token"):
+        logit_gaps(ours[0], Proc(), [])
