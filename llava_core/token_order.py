@@ -57,7 +57,7 @@ def reordered(model, mode: str) -> Iterator[None]:
     themselves and do not."""
     if mode not in MODES:
         raise ValueError(f"reordered: mode={mode!r}, expected one of {MODES}")
-    grid = model.cfg.vision.image_size // model.cfg.vision.patch_size
+    grid = model.cfg.vision.grid
     before = model.__dict__.get("image_features")  # an outer reorder, when nested
     own = model.image_features
     model.image_features = lambda pixel_values: reorder_grid(own(pixel_values), grid, grid, mode)
@@ -96,7 +96,7 @@ def scenes(n: int, image_size: int, split: str = "test", seed: int = 0) -> list[
 @torch.no_grad()
 def logit_gaps(model, processor, items: list[tuple]) -> dict:
     """{axis: [(true answer, logit(first) - logit(second))]}: one question per object and axis,
-    the first wording of LR_QS / TB_QS, answered from the chat template's generation prompt."""
+    the first wording of LR_QS / TB_QS, as one user turn (`processor.prompt`) ready for the answer."""
     from .data.questions import LR_QS, TB_QS, _pair
 
     out = {}
@@ -107,9 +107,7 @@ def logit_gaps(model, processor, items: list[tuple]) -> dict:
                              "in this tokenizer, so their logit gap says nothing")
         rows = []
         for image, obj in items:
-            conv = [{"role": "user", "content": [{"type": "image"},
-                                                 {"type": "text", "text": template.format(obj=_pair(obj))}]}]
-            text = processor.apply_chat_template(conv, add_generation_prompt=True)
+            text = processor.prompt(template.format(obj=_pair(obj)), 1)
             enc = processor(text=[text], images=[[image]], return_tensors="pt")
             px = enc["pixel_values"].to(model.device, model.dtype)
             logits = model(enc["input_ids"].to(model.device), pixel_values=px)[0, -1].float()  # (V,)
