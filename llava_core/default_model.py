@@ -89,8 +89,8 @@ def default_tokenizer():
 
     tok = copy.deepcopy(_gguf_tokenizer())
     tok.add_tokens([AddedToken(IMAGE_TOKEN, special=True, normalized=False)], special_tokens=True)
-    if tok.pad_token is None:
-        tok.add_special_tokens({"pad_token": "<pad>"})
+    if tok.pad_token is None:  # transformers < 5.24 reads no pad token from the GGUF; a new "<pad>"
+        tok.pad_token = IM_END  # would get id 49153, outside the decoder's embedding rows
     tok.chat_template = CHAT_TEMPLATE
     tok.model_max_length = _smollm2_meta()[0].max_position_embeddings
     return tok

@@ -124,6 +124,18 @@ def test_tokenizer_keeps_image_token_and_chatml(tokenizer):
     assert tokenizer.pad_token == "<|im_end|>"  # SmolLM2's own
 
 
+def test_a_gguf_tokenizer_without_pad_gets_im_end_not_a_new_token(monkeypatch):
+    """transformers 5.17 reads no pad token from the GGUF: adding "<pad>" then gave id 49153,
+    one past the decoder's embedding rows (a device-side assert on a GPU). <|im_end|> instead."""
+    plain = dm._gguf_tokenizer()
+    no_pad = copy.deepcopy(plain)
+    no_pad.pad_token = None
+    monkeypatch.setattr(dm, "_gguf_tokenizer", lambda: no_pad)
+    tok = dm.default_tokenizer()
+    assert tok.pad_token == "<|im_end|>" and tok.pad_token_id == plain.convert_tokens_to_ids("<|im_end|>")
+    assert len(tok) == 49153
+
+
 def test_template_renders_llava_chatml(tokenizer):
     text = tokenizer.apply_chat_template(TWO_TURNS, tokenize=False, add_generation_prompt=True)
     assert text == EXPECTED
