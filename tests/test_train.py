@@ -378,6 +378,51 @@ def test_first_20_losses_repeat(tmp_path, processor, stage):
     assert max(abs(x - y) for x, y in zip(*runs)) <= 1e-4
 
 
+def test_prefetch_workers_draw_the_same_batches_and_the_run_repeats(tmp_path):
+    """Stage 0's batches drawn ahead in two forked workers equal those drawn in place, also when
+    steps are skipped (a resumed run); the losses of a run with workers equal those without."""
+    from llava_core.train.common import Prefetch
+    from llava_core.train.stage0_clip import PairBatches
+
+    batches = PairBatches(VISION, stage0_cfg(4))
+    ahead = Prefetch(batches, workers=2)
+    try:
+        for step in (0, 1, 5, 6):
+            (px, text, targets), (px0, text0, targets0) = ahead(step), batches(step)
+            assert torch.equal(px, px0) and torch.equal(text, text0)
+            assert targets.keys() == targets0.keys() and all(torch.equal(targets[k], targets0[k]) for k in targets)
+    finally:
+        ahead.close()
+    with pytest.raises(ValueError, match="workers=-1"):
+        Prefetch(batches, workers=-1)
+    train_stage0(tmp_path / "a", VISION, stage0_cfg(5), threads=1)
+    train_stage0(tmp_path / "b", VISION, stage0_cfg(5), threads=1, workers=2)
+    assert losses(tmp_path / "a", "stage0") == losses(tmp_path / "b", "stage0")
+
+
+def test_init_distributed_names_a_device_it_cannot_train_on():
+    from llava_core.train.common import init_distributed
+
+    assert init_distributed("cpu").device == torch.device("cpu")
+    with pytest.raises(ValueError, match="'mps'.*cpu or cuda"):
+        init_distributed("mps")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="'cuda'.*no CUDA GPU"):
+            init_distributed("cuda")
+
+
+def test_to_device_moves_every_tensor_of_a_batch(processor):
+    from llava_core.train.batches import Batch
+    from llava_core.train.common import to_device
+
+    b = Batch(torch.ones(2, 3, dtype=torch.long), torch.zeros(2, 3, dtype=torch.long), torch.ones(2, 3, 4, 4),
+              ["colour", "shape"], None)
+    moved = to_device({"batch": b, "pair": (torch.ones(1), 3)}, torch.device("meta"))
+    assert moved["batch"].input_ids.device.type == moved["batch"].pixel_values.device.type == "meta"
+    assert moved["batch"].qtypes == ["colour", "shape"] and moved["batch"].segments is None
+    assert moved["pair"][0].device.type == "meta" and moved["pair"][1] == 3
+
+
 def test_resume_continues_from_the_checkpoint(tmp_path, processor, monkeypatch):
     full = tiny_model(processor)
     train_stage2(tmp_path / "full", full, processor, s2(10, ckpt_every=4), threads=1)
@@ -547,3 +592,27 @@ def test_run_recipe_writes_every_stage_and_the_parts(tmp_path, processor):
     run_recipe(tmp_path, recipe, stages=(2,), **kw)
     with pytest.raises(FileNotFoundError, match="stage 0"):
         run_recipe(tmp_path / "empty", recipe, stages=(2,), **kw)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_run_recipe_on_cuda_trains_there_and_saves_from_the_cpu(tmp_path, processor):
+    """The tiny recipe on the GPU, stage 0's batches drawn by two workers: the same first loss
+    as on the CPU (same weights, same batch; 1e-3 relative allows TF32 convolutions), "auto"
+    autocast becomes bf16, every stage runs its steps, and the parts reach `save` on the CPU."""
+    recipe = Recipe(vision=VISION, budget_minutes=None, probe=False, eval_samples=4, threads=1,
+                    stage0=stage0_cfg(4), stage1=s1(3), stage2=dataclasses.replace(s2(3), autocast="auto"))
+    saved = {}
+
+    def save(model, folder, lora, lora_cfg, extra_files):
+        saved.update(devices={p.device.type for p in model.parameters()},
+                     lora={v.device.type for v in lora.values()})
+
+    kw = dict(build_model=lambda r: tiny_model(processor), make_processor=lambda cfg: processor, save=save)
+    summary = run_recipe(tmp_path / "gpu", recipe, device="cuda", workers=2, **kw)
+    run_recipe(tmp_path / "cpu", recipe, stages=(0,), **kw)
+    assert summary["device"] == torch.cuda.get_device_name()
+    assert [summary["stages"][str(s)]["steps"] for s in (0, 1, 2)] == [4, 3, 3]
+    assert summary["recipe"]["stage2"]["autocast"] == ("bfloat16" if torch.cuda.is_bf16_supported() else None)
+    gpu, cpu = losses(tmp_path / "gpu" / "train", "stage0"), losses(tmp_path / "cpu" / "train", "stage0")
+    assert abs(gpu[0] - cpu[0]) <= 1e-3 * abs(cpu[0])
+    assert saved == {"devices": {"cpu"}, "lora": {"cpu"}}

@@ -214,7 +214,8 @@ def answer_loss(model, batch: Batch, image_features: torch.Tensor) -> tuple[torc
     loss = (tok_loss / per_answer[answer].to(tok_loss.dtype)).sum() / max(1, n_answers)
     with torch.no_grad():
         correct = (logits.argmax(-1) == targets[sel])
-        exact = torch.zeros(n_answers, dtype=torch.long).index_add_(0, answer, (~correct).long()) == 0
+        wrong = torch.zeros(n_answers, dtype=torch.long, device=answer.device).index_add_(0, answer, (~correct).long())
+        exact = wrong == 0
     return loss, {"token_acc": round(float(correct.float().mean()), 4),
                   "exact": round(float(exact.float().mean()), 4) if n_answers else 0.0,
                   "tokens": int(sel.sum()), "answers": n_answers}

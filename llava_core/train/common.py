@@ -11,9 +11,14 @@ the warm-up, so the schedule does not depend on the total yet) are timed and the
 is set from the measured speed; the total is stored in the checkpoint, so a resumed run
 follows the same schedule.
 
-Distributed: under `torchrun` (WORLD_SIZE > 1) `init_distributed` starts a gloo process
-group; the stage wraps its trainable module in DistributedDataParallel and reads the
-samples of its rank; only rank 0 logs and writes files.
+Device: `init_distributed(device)` puts the run on "cpu" (the default) or "cuda"; the stages
+move their model there and each batch as it is used. Batches are still drawn on the CPU, and
+`Prefetch` draws them ahead in worker processes so a GPU does not wait for Pillow.
+
+Distributed: under `torchrun` (WORLD_SIZE > 1) `init_distributed` starts a process group
+(gloo on CPUs, nccl on GPUs, one GPU per process by LOCAL_RANK); the stage wraps its
+trainable module in DistributedDataParallel and reads the samples of its rank; only rank 0
+logs and writes files.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -43,6 +48,7 @@ log = logging.getLogger(__name__)
 class Dist:
     rank: int = 0
     world: int = 1
+    device: torch.device = torch.device("cpu")  # where this process trains
 
     @property
     def main(self) -> bool:
@@ -61,26 +67,100 @@ class Dist:
         step count, whether the budget is spent) must agree, or one rank waits forever."""
         if not self.enabled:
             return value
-        t = torch.tensor([value], dtype=torch.float64)
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)  # nccl sends GPU tensors only
         torch.distributed.broadcast(t, src=0)
         return float(t)
 
 
-def init_distributed() -> Dist:
-    """A gloo process group when launched by torchrun with WORLD_SIZE > 1, else a single process."""
+def init_distributed(device: str | torch.device = "cpu") -> Dist:
+    """This process's place in the run: a process group when launched by torchrun with
+    WORLD_SIZE > 1 (gloo on "cpu", nccl on "cuda" with GPU LOCAL_RANK), else a single process;
+    `device` "cpu", "cuda" or "cuda:N" (a single process only)."""
+    device = torch.device(device)
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {str(device)!r}: training runs on cpu or cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r}: torch sees no CUDA GPU on this machine")
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and device.type == "cuda":
+        if device.index is not None:
+            raise ValueError(f"device {str(device)!r}: under torchrun give 'cuda'; each process takes GPU LOCAL_RANK")
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    if device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
+        torch.cuda.set_device(device)
     if world <= 1:
-        return Dist()
+        return Dist(device=device)
     if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("gloo")
-    return Dist(rank=torch.distributed.get_rank(), world=torch.distributed.get_world_size())
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Dist(rank=torch.distributed.get_rank(), world=torch.distributed.get_world_size(), device=device)
 
 
 def wrap_ddp(module: nn.Module, dist: Dist) -> nn.Module:
     if not dist.enabled:
         return module
     from torch.nn.parallel import DistributedDataParallel
-    return DistributedDataParallel(module)
+    ids = [dist.device.index] if dist.device.type == "cuda" else None
+    return DistributedDataParallel(module, device_ids=ids)
+
+
+def to_device(x, device: torch.device):
+    """Tensors, and the tensors inside dicts, lists and dataclasses of them, moved to `device`."""
+    if isinstance(x, torch.Tensor):
+        return x.to(device, non_blocking=True)
+    if isinstance(x, dict):
+        return {k: to_device(v, device) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(to_device(v, device) for v in x)
+    if is_dataclass(x):
+        return replace(x, **{f.name: to_device(getattr(x, f.name), device) for f in fields(x)})
+    return x
+
+
+class Prefetch:
+    """`fn(step)` for the steps ahead, drawn in `workers` forked processes; `workers=0` calls it
+    in place. `fn` must be a pure function of the step (every stage's batches are), so the
+    batches, and the run, are the same with or without workers; only the waiting differs."""
+
+    def __init__(self, fn: Callable[[int], object], workers: int = 0, ahead: int | None = None):
+        if workers < 0:
+            raise ValueError(f"workers={workers}: expected 0 (draw in place) or more")
+        self.fn, self.workers = fn, workers
+        self.ahead = ahead or 2 * workers
+        self.pool = None
+        self.pending: dict = {}
+
+    def __call__(self, step: int):
+        if self.workers == 0:
+            return self.fn(step)
+        if self.pool is None:
+            import torch.multiprocessing as mp
+            global _PREFETCH_FN
+            _PREFETCH_FN = self.fn  # the forked workers inherit it; nothing is pickled but steps
+            self.pool = mp.get_context("fork").Pool(self.workers, initializer=_prefetch_worker_init)
+        for s in range(step, step + self.ahead):
+            if s not in self.pending:
+                self.pending[s] = self.pool.apply_async(_prefetch_call, (s,))
+        for s in [s for s in self.pending if s < step]:  # a resumed run skips steps
+            del self.pending[s]
+        return self.pending.pop(step).get()
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
+            self.pool, self.pending = None, {}
+
+
+_PREFETCH_FN: Callable[[int], object] | None = None
+
+
+def _prefetch_worker_init() -> None:
+    torch.set_num_threads(1)
+
+
+def _prefetch_call(step: int):
+    return _PREFETCH_FN(step)
 
 
 def setup_torch(threads: int | None = 2, seed: int = 0) -> None:
@@ -110,23 +190,26 @@ def set_rng_state(state: dict) -> None:
 AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16}
 
 
-def resolve_autocast(name: str | None) -> str | None:
+def resolve_autocast(name: str | None, device_type: str = "cpu") -> str | None:
     """A stage config's `autocast` setting -> what the step will use: None (fp32), "bfloat16",
-    or for "auto" "bfloat16" where this CPU multiplies bf16 natively (AVX512-BF16 or AMX: a
-    stage-2 step of the default model took 0.64x the fp32 time there) and None where it does
-    not (on AVX2 alone torch's bf16 matmul ran at 1/6 of fp32's speed)."""
+    or for "auto" "bfloat16" where the device multiplies bf16 natively (a GPU with bf16, a CPU
+    with AVX512-BF16 or AMX: a stage-2 step of the default model took 0.64x the fp32 time
+    there) and None where it does not (on AVX2 alone torch's bf16 matmul ran at 1/6 of fp32's
+    speed)."""
     from ..llama import cpu_has_fast_bf16
 
     if name == "auto":
+        if device_type == "cuda":
+            return "bfloat16" if torch.cuda.is_bf16_supported() else None
         return "bfloat16" if cpu_has_fast_bf16() else None
     if name is not None and name not in AUTOCAST_DTYPES:
         raise ValueError(f"autocast={name!r}: expected None, 'auto' or one of {sorted(AUTOCAST_DTYPES)}")
     return name
 
 
-def autocast_dtype(name: str | None) -> torch.dtype | None:
+def autocast_dtype(name: str | None, device_type: str = "cpu") -> torch.dtype | None:
     """A stage config's `autocast` setting -> the dtype to run its forward in (None: off)."""
-    name = resolve_autocast(name)
+    name = resolve_autocast(name, device_type)
     return None if name is None else AUTOCAST_DTYPES[name]
 
 

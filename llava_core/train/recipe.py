@@ -20,7 +20,9 @@ measured speed.
     llava-core train --recipe default --out runs/r1 [--budget-minutes 55] [--stage all] [--resume]
     llava-core train --recipe default --out runs/r2 --replay weights/training.json  # the shipped run's steps
     python -m llava_core.train --out runs/r1
+    llava-core train --recipe default --out runs/r3 --device cuda --workers 8   # on a GPU
     torchrun --nproc_per_node 2 -m llava_core.train --out runs/r1   # DDP (gloo), samples sharded by rank
+    torchrun --nproc_per_node 4 -m llava_core.train --out runs/r1 --device cuda --workers 4   # DDP (nccl)
 
 With --stage N alone the budget goes to that stage (shares renormalised over the stages run).
 Set OMP_WAIT_POLICY=PASSIVE in the environment when anything else may run on the cores.
@@ -145,7 +147,7 @@ RECIPES = {"default": default_recipe, "smoke": smoke_recipe}
 def _save_tensors(tensors: dict, path: Path) -> None:
     from ..atomic import atomic_save_file
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_save_file({k: v.detach().contiguous() for k, v in tensors.items()}, path)
+    atomic_save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, path)
 
 
 def _load_tensors(path: Path, stage: int) -> dict:
@@ -153,7 +155,7 @@ def _load_tensors(path: Path, stage: int) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: stage {stage}'s output is missing; run stage {stage} first "
                                 f"(--stage {stage}) into the same --out folder")
-    return load_file(str(path))
+    return load_file(str(path))  # on the CPU; load_state_dict copies into the model wherever it is
 
 
 def _finished(ckpt: Path) -> bool:
@@ -180,27 +182,33 @@ def _save_default(model, folder: Path, lora, lora_cfg, extra_files: dict) -> Pat
 
 
 def run_recipe(out_dir: str | Path, recipe: Recipe | None = None, stages=STAGES, resume: bool = False,
-               build_model=_build_default, make_processor=_default_processor, save=_save_default) -> dict:
+               build_model=_build_default, make_processor=_default_processor, save=_save_default,
+               device: str = "cpu", workers: int = 0) -> dict:
     """Run `stages` of `recipe` into `out_dir`; return the summary (also in train/summary.json).
 
     build_model(recipe) -> LlavaModel with a fresh tower and projector, make_processor(cfg),
     save(model, folder, lora_state, lora_config, extra_files): the default model's by default;
     tests pass tiny stand-ins. A stage not run in this call must have left its output in
     out_dir (e.g. --stage 2 after stages 0 and 1). With resume, a finished stage is skipped
-    and an interrupted one continues from its checkpoint."""
+    and an interrupted one continues from its checkpoint.
+
+    `device` "cpu" or "cuda" (under torchrun, GPU LOCAL_RANK); `workers` > 0 draws stage 0's
+    batches ahead in that many processes. Neither changes the recipe: a GPU run of pinned
+    steps trains on the same batches, its sums in another order. The parts are saved from
+    the CPU."""
     recipe = copy.deepcopy(recipe or default_recipe())
+    dist = init_distributed(device)
     for cfg in recipe.autocast_stages().values():  # "auto" recorded as what it chose on this machine
-        cfg.autocast = resolve_autocast(cfg.autocast)
+        cfg.autocast = resolve_autocast(cfg.autocast, dist.device.type)
     stages = tuple(sorted(set(stages)))
     out, train_dir = Path(out_dir), Path(out_dir) / "train"
-    dist = init_distributed()
     setup_torch(recipe.threads, recipe.seed)
     budgets = recipe.stage_budgets(stages)
     for s, cfg in recipe.stage_configs().items():
         if budgets[s] is not None:
             cfg.loop.budget_s = budgets[s]
     t_start = time.perf_counter()
-    summary: dict = {"recipe": _jsonable(asdict(recipe)), "stages": {}}
+    summary: dict = {"recipe": _jsonable(asdict(recipe)), "stages": {}, "device": _device_name(dist.device)}
     summary_path = train_dir / "summary.json"
     if summary_path.is_file():
         old = json.loads(summary_path.read_text())
@@ -213,7 +221,7 @@ def run_recipe(out_dir: str | Path, recipe: Recipe | None = None, stages=STAGES,
         else:
             t = time.perf_counter()
             clip = train_stage0(train_dir, recipe.vision, _stage0_cfg(recipe), resume=resume, dist=dist,
-                                threads=recipe.threads)
+                                threads=recipe.threads, workers=workers)
             if dist.main:
                 _save_tensors(visual_state(clip.clip), visual_file)
             dist.barrier()
@@ -249,7 +257,7 @@ def run_recipe(out_dir: str | Path, recipe: Recipe | None = None, stages=STAGES,
         t = time.perf_counter()
         _, lora_cfg = train_stage2(train_dir, model, processor, recipe.stage2, resume=resume, dist=dist,
                                    threads=recipe.threads)
-        lora = lora_state(model.language_model)
+        lora = {k: v.cpu() for k, v in lora_state(model.language_model).items()}
         summary["stages"]["2"] = _stage_summary(train_dir / "stage2.jsonl", time.perf_counter() - t)
         if recipe.eval_samples and dist.main:
             from ..evaluate import evaluate_synthetic
@@ -261,9 +269,14 @@ def run_recipe(out_dir: str | Path, recipe: Recipe | None = None, stages=STAGES,
             log.info("stage 2 validation: %s", res["validation"])
     if dist.main:
         summary["elapsed_s"] = round(time.perf_counter() - t_start, 1)
+        model.to("cpu")
         save(model, out / "parts", lora, lora_cfg, {"training.json": _jsonable(summary)})
         summary["parts"] = str(out / "parts")
     return _write_summary(summary, summary_path, t_start, dist)
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
 def _probe(recipe: Recipe, visual: dict) -> dict:
@@ -336,6 +349,9 @@ def _add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stage", default="all", choices=["0", "1", "2", "all"])
     p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
     p.add_argument("--threads", type=int, help="torch threads (default 2)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun each process takes GPU LOCAL_RANK)")
+    p.add_argument("--workers", type=int, default=0,
+                   help="processes drawing stage 0's batches ahead (0: in the training process; ~8 on a GPU)")
     p.add_argument("--eval-samples", type=int, help="validation questions answered after stage 2")
     p.add_argument("--seed", type=int)
     p.add_argument("--replay", metavar="JSON", help="run the steps a finished run recorded (weights/training.json "
@@ -352,7 +368,8 @@ def run_train(args: argparse.Namespace) -> int:
     if args.replay:
         recipe.replay(json.loads(Path(args.replay).read_text()))
     stages = STAGES if args.stage == "all" else (int(args.stage),)
-    summary = run_recipe(args.out, recipe, stages=stages, resume=args.resume)
+    summary = run_recipe(args.out, recipe, stages=stages, resume=args.resume, device=args.device,
+                         workers=args.workers)
     log.info("training finished in %.0f s; summary in %s", summary["elapsed_s"],
              Path(args.out) / "train" / "summary.json")
     return 0

@@ -23,8 +23,8 @@ import torch.nn as nn
 
 from ..data import DataConfig
 from .batches import ChatBatches, answer_loss
-from .common import (Dist, LoopConfig, autocast_dtype, init_distributed, set_trainable, setup_torch, train_loop,
-                     wrap_ddp)
+from .common import (Dist, LoopConfig, autocast_dtype, init_distributed, set_trainable, setup_torch, to_device,
+                     train_loop, wrap_ddp)
 
 log = logging.getLogger(__name__)
 
@@ -59,11 +59,11 @@ class AnswerStep(nn.Module):
     native bf16 a stage-2 step of the default model took 0.64x the fp32 time
     (benchmarks/train_step_dtype.py)."""
 
-    def __init__(self, model, train_tower: bool = False, autocast: str | None = None):
+    def __init__(self, model, train_tower: bool = False, autocast: str | None = None, device_type: str = "cpu"):
         super().__init__()
         self.model = model
         self.train_tower = train_tower
-        self.autocast = autocast_dtype(autocast)
+        self.autocast = autocast_dtype(autocast, device_type)
 
     def forward(self, input_ids, labels, pixel_values, segments=None):
         from .batches import Batch
@@ -116,21 +116,24 @@ def freeze_for_stage1(model) -> list[nn.Parameter]:
 
 def train_stage1(out_dir: str | Path, model, processor, cfg: Stage1Config, resume: bool = False,
                  dist: Dist | None = None, threads: int | None = 2):
-    """Train `model.projector` in place; writes stage1.{jsonl,png,ckpt} under out_dir."""
+    """Train `model.projector` in place, on `dist.device` (the model is moved there); writes
+    stage1.{jsonl,png,ckpt} under out_dir."""
     dist = dist or init_distributed()
     setup_torch(threads, cfg.seed)
+    model.to(dist.device)
     params = freeze_for_stage1(model)
     data = DataConfig(image_size=model.cfg.vision.image_size, seed=cfg.seed, mix=dict(cfg.mix))
     batches = ChatBatches(processor, data, cfg.batch_size, split=cfg.split, offset=cfg.offset,
                           bucket=cfg.bucket, max_len=cfg.max_len, seed=cfg.seed, rank=dist.rank, world=dist.world)
-    step_module = wrap_ddp(AnswerStep(model, autocast=cfg.autocast), dist)  # checks cfg.autocast first
+    # AnswerStep checks cfg.autocast first
+    step_module = wrap_ddp(AnswerStep(model, autocast=cfg.autocast, device_type=dist.device.type), dist)
     if cfg.match_scale:  # before the loop: a resumed run then loads its checkpoint over it
-        factor = match_embedding_scale(model, batches(0).pixel_values)
+        factor = match_embedding_scale(model, batches(0).pixel_values.to(dist.device))
         log.info("stage1: projector output scaled by %.3f to the token embeddings' norm", factor)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
 
     def step_fn(step, total=None):
-        b = batches(step)
+        b = to_device(batches(step), dist.device)
         loss, metrics = step_module(b.input_ids, b.labels, b.pixel_values, b.segments)
         loss.backward()
         return {"loss": float(loss.detach()), "samples": b.size * dist.world, "seq_len": b.input_ids.shape[1],

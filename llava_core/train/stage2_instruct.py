@@ -29,7 +29,7 @@ import torch.nn as nn
 
 from ..data import INSTRUCT_MIX, DataConfig
 from .batches import ChatBatches
-from .common import Dist, LoopConfig, init_distributed, set_trainable, setup_torch, train_loop, wrap_ddp
+from .common import Dist, LoopConfig, init_distributed, set_trainable, setup_torch, to_device, train_loop, wrap_ddp
 from .stage1_align import AnswerStep
 
 log = logging.getLogger(__name__)
@@ -131,9 +131,11 @@ def train_stage2(out_dir: str | Path, model, processor, cfg: Stage2Config, resum
                  dist: Dist | None = None, threads: int | None = 2):
     """Add LoRA to `model.language_model` and train it with the projector, in place.
 
-    Returns (LoopResult, peft LoraConfig). Writes stage2.{jsonl,png,ckpt} under out_dir."""
+    Trains on `dist.device` (the model is moved there). Returns (LoopResult, peft LoraConfig).
+    Writes stage2.{jsonl,png,ckpt} under out_dir."""
     dist = dist or init_distributed()
     setup_torch(threads, cfg.seed)
+    model.to(dist.device)
     set_trainable(model, False)
     lcfg = lora_config(cfg)
     if not any("lora_A" in n for n, _ in model.language_model.named_modules()):
@@ -156,11 +158,12 @@ def train_stage2(out_dir: str | Path, model, processor, cfg: Stage2Config, resum
     batches = ChatBatches(processor, data, cfg.batch_size, mix_at=lambda s: mix_at(cfg, s, holder["total"]),
                           split=cfg.split, offset=cfg.offset, bucket=cfg.bucket, max_len=cfg.max_len,
                           seed=cfg.seed, rank=dist.rank, world=dist.world, turns=cfg.turns)
-    step_module = wrap_ddp(AnswerStep(model, train_tower=cfg.train_tower_blocks > 0, autocast=cfg.autocast), dist)
+    step_module = wrap_ddp(AnswerStep(model, train_tower=cfg.train_tower_blocks > 0, autocast=cfg.autocast,
+                                      device_type=dist.device.type), dist)
 
     def step_fn(step, total=None):
         holder["total"] = total
-        b = batches(step)
+        b = to_device(batches(step), dist.device)
         loss, metrics = step_module(b.input_ids, b.labels, b.pixel_values, b.segments)
         loss.backward()
         return {"loss": float(loss.detach()), "samples": b.size * dist.world, "seq_len": b.input_ids.shape[1],
