@@ -1,0 +1,144 @@
+"""Variants of the default recipe, each pinned to the shipped run's optimizer steps, trained
+from nothing, then scored on the synthetic suite: a recipe ablation in one command per variant.
+
+    python benchmarks/recipe_variants.py run shipped --out runs/variants --device cuda --workers 3
+    python benchmarks/recipe_variants.py run content_route --out runs/variants --device cuda --workers 3
+    python benchmarks/recipe_variants.py table runs/variants
+    python benchmarks/recipe_variants.py paired runs/variants/shipped/predictions.jsonl \
+        runs/variants/content_route/predictions.jsonl
+
+`run NAME` replays weights/training.json (the shipped run's step counts, times --steps-scale),
+applies the variant's change, trains into OUT/NAME (`run_recipe`), and scores the parts with
+`llava-core eval OUT/NAME/parts --suite synthetic --dtype float32` into OUT/NAME/eval.json
+and predictions.jsonl. `table` prints each variant's overall and per-type test accuracy and
+its right answers over test, held-out and shifted.
+
+A GPU run trains on the same batches as a CPU run but sums in another order, so its numbers
+are not the CPU run's: compare variants trained on the same device, with `shipped` as that
+device's baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def content_route(r) -> None:
+    """Stage-0 heads that ask each patch token for its own row and column (so a token's content
+    says where it is), together with run r12's stage-2 mix (twice the position answers)."""
+    r.stage0.aux_position = True
+    r.stage2.mix.update(position=2.0, relation=1.5, ocr=0.5)
+
+
+def position_heads(r) -> None:
+    """The stage-0 position heads alone, the shipped stage-2 mix."""
+    r.stage0.aux_position = True
+
+
+def position_mix(r) -> None:
+    """Run r12's stage-2 mix alone (position 2.0, relation 1.5, OCR 0.5)."""
+    r.stage2.mix.update(position=2.0, relation=1.5, ocr=0.5)
+
+
+VARIANTS = {"shipped": lambda r: None, "content_route": content_route, "position_heads": position_heads,
+            "position_mix": position_mix}
+
+
+def variant_recipe(name: str, steps_scale: float = 1.0):
+    from llava_core.train.recipe import default_recipe
+
+    if name not in VARIANTS:
+        raise SystemExit(f"unknown variant {name!r}; choose from {sorted(VARIANTS)}")
+    recipe = default_recipe().replay(json.loads((ROOT / "weights" / "training.json").read_text()))
+    VARIANTS[name](recipe)
+    for cfg in recipe.stage_configs().values():
+        loop = cfg.loop
+        cfg.loop = replace(loop, steps=max(1, round(loop.steps * steps_scale)),
+                           stop_at=max(1, round(loop.stop_at * steps_scale)),
+                           warmup=min(loop.warmup, max(1, round(loop.steps * steps_scale)) - 1))
+    recipe.probe, recipe.eval_samples = False, 0
+    return recipe
+
+
+def run(args) -> None:
+    from llava_core.train.recipe import run_recipe
+
+    out = args.out / (args.name if args.steps_scale == 1 else f"{args.name}_x{args.steps_scale:g}")
+    recipe = variant_recipe(args.name, args.steps_scale)
+    summary = run_recipe(out, recipe, device=args.device, workers=args.workers)
+    print(f"{out.name}: trained in {summary['elapsed_s']:.0f} s on {summary['device']}", flush=True)
+    subprocess.run([sys.executable, "-m", "llava_core.cli", "eval", str(out / "parts"), "--suite", "synthetic",
+                    "-n", str(args.n), "--device", args.device, "--dtype", "float32",
+                    "--out", str(out / "eval.json"), "--predictions", str(out / "predictions.jsonl")],
+                   check=True, cwd=ROOT)
+
+
+def table(args) -> None:
+    """Accuracy in % per split (overall) and per question type on test; `right`: answers right
+    over the three splits (the count the model card compares runs by)."""
+    splits = ("test", "heldout", "shifted")
+    results = {f.parent.name: json.loads(f.read_text()) for f in sorted(args.out.glob("*/eval.json"))}
+    if not results:
+        raise SystemExit(f"{args.out}: no */eval.json")
+    qtypes = [q for q in next(iter(results.values()))["test"] if q != "overall"]
+    print("variant".ljust(22) + "".join(s.rjust(8) for s in splits) + "   right "
+          + " ".join(q[:7].rjust(7) for q in qtypes))
+    for name, res in results.items():
+        right = sum(round(res[s]["overall"]["acc"] * res[s]["overall"]["n"]) for s in splits)
+        print(name.ljust(22) + "".join(f"{100 * res[s]['overall']['acc']:8.1f}" for s in splits) + f"{right:8d} "
+              + " ".join(f"{100 * res['test'][q]['acc']:7.1f}" if q in res["test"] else "      -" for q in qtypes))
+
+
+def paired(args) -> None:
+    """Question by question, B against A (captions left out, as in `overall`): how many B gets
+    right that A gets wrong and the reverse, and the two-sided sign test's p on those."""
+    from llava_core.evaluate import CAPTION_QTYPES
+    from llava_core.train.common import read_jsonl
+
+    a, b = ({(r["split"], r["index"]): r for r in read_jsonl(f)} for f in (args.a, args.b))
+    keys = [k for k in a if k in b and a[k]["qtype"] not in CAPTION_QTYPES]
+    if not keys:
+        raise SystemExit(f"{args.a} and {args.b} share no questions")
+    better = sum(b[k]["score"] > a[k]["score"] for k in keys)
+    worse = sum(b[k]["score"] < a[k]["score"] for k in keys)
+    n = better + worse
+    p = min(1.0, 2 * sum(math.comb(n, i) for i in range(min(better, worse) + 1)) / 2 ** n) if n else 1.0
+    print(f"{len(keys)} questions: B right where A wrong {better}, A right where B wrong {worse}, "
+          f"sign test p = {p:.3f}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="train one variant and score it")
+    r.add_argument("name", choices=sorted(VARIANTS))
+    r.add_argument("--out", type=Path, required=True)
+    r.add_argument("--device", default="cpu")
+    r.add_argument("--workers", type=int, default=0, help="processes drawing stage 0's batches ahead")
+    r.add_argument("--steps-scale", type=float, default=1.0, help="times the shipped run's steps in every stage")
+    r.add_argument("-n", type=int, default=200, help="questions per split")
+    r.set_defaults(func=run)
+    t = sub.add_parser("table", help="print the scores of every variant under OUT")
+    t.add_argument("out", type=Path)
+    t.set_defaults(func=table)
+    c = sub.add_parser("paired", help="compare two predictions.jsonl question by question")
+    c.add_argument("a", type=Path)
+    c.add_argument("b", type=Path)
+    c.set_defaults(func=paired)
+    args = p.parse_args()
+    import logging
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()
