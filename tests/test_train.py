@@ -404,11 +404,23 @@ def test_init_distributed_names_a_device_it_cannot_train_on():
     from llava_core.train.common import init_distributed
 
     assert init_distributed("cpu").device == torch.device("cpu")
-    with pytest.raises(ValueError, match="'mps'.*cpu or cuda"):
-        init_distributed("mps")
+    for name in ("mps", "tpu"):  # a torch device type; not a device type at all
+        with pytest.raises(ValueError, match=f"'{name}'.*cpu or cuda"):
+            init_distributed(name)
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="'cuda'.*no CUDA GPU"):
             init_distributed("cuda")
+
+
+@pytest.mark.parametrize("args, message", [(["--device", "tpu"], "--device: device 'tpu'"),
+                                           (["--workers", "-1"], "--workers -1: expected 0")])
+def test_train_command_refuses_a_bad_device_or_worker_count_in_one_line(tmp_path, capsys, args, message):
+    from llava_core.train.recipe import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--out", str(tmp_path / "run"), *args])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # refused before anything was written
 
 
 def test_to_device_moves_every_tensor_of_a_batch(processor):

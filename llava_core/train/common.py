@@ -72,15 +72,24 @@ class Dist:
         return float(t)
 
 
+def check_device(name: str | torch.device) -> torch.device:
+    """`name` as a torch.device that training can use (cpu, or cuda where torch sees a GPU)."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"device {str(name)!r}: training runs on cpu or cuda") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {str(name)!r}: training runs on cpu or cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(name)!r}: torch sees no CUDA GPU on this machine")
+    return device
+
+
 def init_distributed(device: str | torch.device = "cpu") -> Dist:
     """This process's place in the run: a process group when launched by torchrun with
     WORLD_SIZE > 1 (gloo on "cpu", nccl on "cuda" with GPU LOCAL_RANK), else a single process;
     `device` "cpu", "cuda" or "cuda:N" (a single process only)."""
-    device = torch.device(device)
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"device {str(device)!r}: training runs on cpu or cuda")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {str(device)!r}: torch sees no CUDA GPU on this machine")
+    device = check_device(device)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and device.type == "cuda":
         if device.index is not None:

@@ -42,7 +42,8 @@ import torch
 
 from ..config import VisionConfig
 from ..atomic import atomic_write_text
-from .common import Dist, LoopConfig, config_differences, init_distributed, resolve_autocast, setup_torch
+from .common import (Dist, LoopConfig, check_device, config_differences, init_distributed, resolve_autocast,
+                     setup_torch)
 from .stage0_clip import Stage0Config, load_visual, train_stage0, visual_state
 from .stage1_align import Stage1Config, train_stage1
 from .stage2_instruct import Stage2Config, lora_state, train_stage2
@@ -379,7 +380,14 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     _add_args(p)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    return run_train(p.parse_args(argv))
+    args = p.parse_args(argv)
+    try:  # a bad argument is one line now, not a traceback after the model is built
+        check_device(args.device)
+    except ValueError as e:
+        p.error(f"--device: {e}")
+    if args.workers < 0:
+        p.error(f"--workers {args.workers}: expected 0 (draw in the training process) or more")
+    return run_train(args)
 
 
 if __name__ == "__main__":
