@@ -109,6 +109,14 @@ class Recipe:
             cfg.loop = replace(cfg.loop, steps=rec["planned_steps"], stop_at=rec["steps"], budget_s=None)
         return self
 
+    def set_seed(self, seed: int) -> "Recipe":
+        """One seed for the whole run: the model's fresh parts and every stage's initial values
+        and data (each stage config has its own `seed`, which the recipe's alone does not set)."""
+        self.seed = seed
+        for cfg in self.stage_configs().values():
+            cfg.seed = seed
+        return self
+
     def stage_configs(self) -> dict:
         """{stage number: its config}; each has a `loop` (LoopConfig)."""
         return {0: self.stage0, 1: self.stage1, 2: self.stage2}
@@ -354,7 +362,7 @@ def _add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=0,
                    help="processes drawing stage 0's batches ahead (0: in the training process; ~8 on a GPU)")
     p.add_argument("--eval-samples", type=int, help="validation questions answered after stage 2")
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seed", type=int, help="seed of the whole run: initial values and data of every stage")
     p.add_argument("--replay", metavar="JSON", help="run the steps a finished run recorded (weights/training.json "
                    "or train/summary.json) instead of a time budget: reproduces that run's model")
 
@@ -363,9 +371,11 @@ def run_train(args: argparse.Namespace) -> int:
     recipe = RECIPES[args.recipe]()
     if args.budget_minutes is not None:
         recipe.budget_minutes = args.budget_minutes
-    for key in ("threads", "eval_samples", "seed"):
+    for key in ("threads", "eval_samples"):
         if getattr(args, key, None) is not None:
             setattr(recipe, key, getattr(args, key))
+    if args.seed is not None:
+        recipe.set_seed(args.seed)
     if args.replay:
         recipe.replay(json.loads(Path(args.replay).read_text()))
     stages = STAGES if args.stage == "all" else (int(args.stage),)
