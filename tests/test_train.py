@@ -1,6 +1,7 @@
 """The training recipe on tiny models: each stage learns, frozen parts stay frozen, LoRA merges,
 runs repeat exactly, and an interrupted run resumes where it stopped."""
 
+import argparse
 import copy
 import dataclasses
 import json
@@ -643,3 +644,39 @@ def test_run_recipe_on_cuda_trains_there_and_saves_from_the_cpu(tmp_path, proces
     gpu, cpu = losses(tmp_path / "gpu" / "train", "stage0"), losses(tmp_path / "cpu" / "train", "stage0")
     assert abs(gpu[0] - cpu[0]) <= 1e-3 * abs(cpu[0])
     assert saved == {"devices": {"cpu"}, "lora": {"cpu"}}
+
+
+def _recipe_variants():
+    import importlib.util
+
+    path = Path(__file__).parents[1] / "benchmarks" / "recipe_variants.py"
+    spec = importlib.util.spec_from_file_location("recipe_variants", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_recipe_variants_replay_the_shipped_steps_then_change_one_thing():
+    rv = _recipe_variants()
+    shipped, route = rv.variant_recipe("shipped"), rv.variant_recipe("content_route", steps_scale=0.5, seed=2)
+    assert [(c.loop.steps, c.loop.stop_at) for c in shipped.stage_configs().values()] == [(1270, 1270), (121, 105),
+                                                                                           (451, 411)]
+    assert [(c.loop.steps, c.loop.stop_at) for c in route.stage_configs().values()] == [(635, 635), (60, 52),
+                                                                                         (226, 206)]
+    assert not shipped.stage0.aux_position and route.stage0.aux_position
+    assert (shipped.stage2.mix["position"], route.stage2.mix["position"]) == (1.0, 2.0)
+    assert shipped.seed == 0 and [c.seed for c in route.stage_configs().values()] == [2, 2, 2]
+
+
+def test_recipe_variants_paired_counts_and_sign_test(tmp_path, capsys):
+    rv = _recipe_variants()
+    rows = lambda scores, qtype="colour": "".join(  # noqa: E731
+        json.dumps({"split": "test", "index": i, "qtype": qtype, "score": s}) + "\n" for i, s in enumerate(scores))
+    (tmp_path / "a.jsonl").write_text(rows([1, 1, 1, 1, 1, 1, 0, 0]) + rows([0], "caption_short").replace(
+        '"index": 0', '"index": 99'))
+    (tmp_path / "b.jsonl").write_text(rows([0, 0, 0, 0, 0, 0, 1, 0]) + rows([1], "caption_short").replace(
+        '"index": 0', '"index": 99'))
+    rv.paired(argparse.Namespace(a=tmp_path / "a.jsonl", b=tmp_path / "b.jsonl"))
+    out = capsys.readouterr().out
+    # captions left out; 1 better, 6 worse: p = 2 * (C(7,0) + C(7,1)) / 2^7 = 0.125
+    assert "8 questions" in out and "A wrong 1," in out and "B wrong 6," in out and "p = 0.125" in out
