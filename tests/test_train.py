@@ -382,7 +382,7 @@ def test_first_20_losses_repeat(tmp_path, processor, stage):
 def test_prefetch_workers_draw_the_same_batches_and_the_run_repeats(tmp_path):
     """Stage 0's batches drawn ahead in two forked workers equal those drawn in place, also when
     steps are skipped (a resumed run); the losses of a run with workers equal those without."""
-    from llava_core.train.common import Prefetch
+    from llava_core.train.dist import Prefetch
     from llava_core.train.stage0_clip import PairBatches
 
     batches = PairBatches(VISION, stage0_cfg(4))
@@ -402,7 +402,7 @@ def test_prefetch_workers_draw_the_same_batches_and_the_run_repeats(tmp_path):
 
 
 def test_init_distributed_names_a_device_it_cannot_train_on():
-    from llava_core.train.common import init_distributed
+    from llava_core.train.dist import init_distributed
 
     assert init_distributed("cpu").device == torch.device("cpu")
     for name in ("mps", "tpu"):  # a torch device type; not a device type at all
@@ -441,7 +441,7 @@ def test_train_command_refuses_a_bad_device_or_worker_count_in_one_line(tmp_path
 
 def test_to_device_moves_every_tensor_of_a_batch(processor):
     from llava_core.train.batches import Batch
-    from llava_core.train.common import to_device
+    from llava_core.train.dist import to_device
 
     b = Batch(torch.ones(2, 3, dtype=torch.long), torch.zeros(2, 3, dtype=torch.long), torch.ones(2, 3, 4, 4),
               ["colour", "shape"], None)
@@ -558,7 +558,7 @@ def test_budget_plan_is_redone_at_the_end_of_warmup(tmp_path, caplog):
 
 def _ddp_rank(rank, port, out_dir, queue):
     import os
-    from llava_core.train.common import init_distributed
+    from llava_core.train.dist import init_distributed
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
     torch.set_num_threads(1)

@@ -4,7 +4,8 @@
     stage1_align.py     feature alignment: the projector alone (tower and decoder frozen)
     stage2_instruct.py  visual instruction tuning: projector + LoRA (peft) on the decoder
     recipe.py           the default recipe as dataclasses; run_recipe; the `train` CLI helpers
-    common.py           loop, schedule, JSONL metrics, atomic checkpoints, resume, PNG curves, DDP
+    common.py           loop, schedule, JSONL metrics, atomic checkpoints, resume, PNG curves
+    dist.py             device (cpu/cuda), torchrun process group, DDP, batches drawn ahead
     batches.py          samples -> tensors: images, answer-only labels, length-bucketed batches
     probe.py            linear probes of a vision tower
 
@@ -14,7 +15,8 @@
     python -m llava_core.train --out runs/r1 [--budget-minutes 55] [--stage all] [--resume]
 
 Under `torchrun --nproc_per_node N -m llava_core.train --out DIR` each stage wraps its
-trainable module in DistributedDataParallel (gloo) and reads its rank's share of the samples.
+trainable module in DistributedDataParallel (gloo; nccl with --device cuda) and reads its
+rank's share of the samples.
 """
 
 __all__ = ["Recipe", "RECIPES", "default_recipe", "run_recipe", "add_train_args", "run_train"]

@@ -42,8 +42,8 @@ import torch
 
 from ..config import VisionConfig
 from ..atomic import atomic_write_text
-from .common import (Dist, LoopConfig, check_device, config_differences, init_distributed, resolve_autocast,
-                     setup_torch)
+from .common import LoopConfig, config_differences, resolve_autocast, setup_torch
+from .dist import Dist, check_device, init_distributed
 from .stage0_clip import Stage0Config, load_visual, train_stage0, visual_state
 from .stage1_align import Stage1Config, train_stage1
 from .stage2_instruct import Stage2Config, lora_state, train_stage2

@@ -43,8 +43,8 @@ from ..processor import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from ..vision import VisionTower
 from .augment import augment_batch
 from .batches import images_to_tensor
-from .common import (Dist, LoopConfig, Prefetch, init_distributed, setup_torch, to_device, train_loop,
-                     trainable_state, wrap_ddp)
+from .common import LoopConfig, setup_torch, train_loop, trainable_state
+from .dist import Dist, Prefetch, init_distributed, to_device, wrap_ddp
 
 log = logging.getLogger(__name__)
 

@@ -23,8 +23,8 @@ import torch.nn as nn
 
 from ..data import DataConfig
 from .batches import ChatBatches, answer_loss
-from .common import (Dist, LoopConfig, autocast_dtype, init_distributed, set_trainable, setup_torch, to_device,
-                     train_loop, wrap_ddp)
+from .common import LoopConfig, autocast_dtype, set_trainable, setup_torch, train_loop
+from .dist import Dist, init_distributed, to_device, wrap_ddp
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,8 @@ import torch.nn as nn
 
 from ..data import INSTRUCT_MIX, DataConfig
 from .batches import ChatBatches
-from .common import Dist, LoopConfig, init_distributed, set_trainable, setup_torch, to_device, train_loop, wrap_ddp
+from .common import LoopConfig, set_trainable, setup_torch, train_loop
+from .dist import Dist, init_distributed, to_device, wrap_ddp
 from .stage1_align import AnswerStep
 
 log = logging.getLogger(__name__)
