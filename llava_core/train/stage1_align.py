@@ -59,11 +59,11 @@ class AnswerStep(nn.Module):
     native bf16 a stage-2 step of the default model took 0.64x the fp32 time
     (benchmarks/train_step_dtype.py)."""
 
-    def __init__(self, model, train_tower: bool = False, autocast: str | None = None, device_type: str = "cpu"):
+    def __init__(self, model, train_tower: bool = False, autocast: str | None = None):
         super().__init__()
         self.model = model
         self.train_tower = train_tower
-        self.autocast = autocast_dtype(autocast, device_type)
+        self.autocast = autocast_dtype(autocast, model.device.type)  # "auto" for where the model is
 
     def forward(self, input_ids, labels, pixel_values, segments=None):
         from .batches import Batch
@@ -125,8 +125,7 @@ def train_stage1(out_dir: str | Path, model, processor, cfg: Stage1Config, resum
     data = DataConfig(image_size=model.cfg.vision.image_size, seed=cfg.seed, mix=dict(cfg.mix))
     batches = ChatBatches(processor, data, cfg.batch_size, split=cfg.split, offset=cfg.offset,
                           bucket=cfg.bucket, max_len=cfg.max_len, seed=cfg.seed, rank=dist.rank, world=dist.world)
-    # AnswerStep checks cfg.autocast first
-    step_module = wrap_ddp(AnswerStep(model, autocast=cfg.autocast, device_type=dist.device.type), dist)
+    step_module = wrap_ddp(AnswerStep(model, autocast=cfg.autocast), dist)  # checks cfg.autocast first
     if cfg.match_scale:  # before the loop: a resumed run then loads its checkpoint over it
         factor = match_embedding_scale(model, batches(0).pixel_values.to(dist.device))
         log.info("stage1: projector output scaled by %.3f to the token embeddings' norm", factor)

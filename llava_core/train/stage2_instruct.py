@@ -159,8 +159,7 @@ def train_stage2(out_dir: str | Path, model, processor, cfg: Stage2Config, resum
     batches = ChatBatches(processor, data, cfg.batch_size, mix_at=lambda s: mix_at(cfg, s, holder["total"]),
                           split=cfg.split, offset=cfg.offset, bucket=cfg.bucket, max_len=cfg.max_len,
                           seed=cfg.seed, rank=dist.rank, world=dist.world, turns=cfg.turns)
-    step_module = wrap_ddp(AnswerStep(model, train_tower=cfg.train_tower_blocks > 0, autocast=cfg.autocast,
-                                      device_type=dist.device.type), dist)
+    step_module = wrap_ddp(AnswerStep(model, train_tower=cfg.train_tower_blocks > 0, autocast=cfg.autocast), dist)
 
     def step_fn(step, total=None):
         holder["total"] = total
