@@ -6,12 +6,18 @@ from nothing, then scored on the synthetic suite: a recipe ablation in one comma
     python benchmarks/recipe_variants.py table runs/variants
     python benchmarks/recipe_variants.py paired runs/variants/shipped/predictions.jsonl \
         runs/variants/content_route/predictions.jsonl
+    python benchmarks/recipe_variants.py run shipped --out runs/s2 --from runs/r9 --steps-scale 2
 
 `run NAME` replays weights/training.json (the shipped run's step counts, times --steps-scale),
 applies the variant's change, trains into OUT/NAME (`run_recipe`), and scores the parts with
 `llava-core eval OUT/NAME/parts --suite synthetic --dtype float32` into OUT/NAME/eval.json
 and predictions.jsonl. `table` prints each variant's overall and per-type test accuracy and
 its right answers over test, held-out and shifted.
+
+`--from RUN` trains stage 2 alone, from RUN/train's stage-0 tower and stage-1 projector (a
+finished run's), into OUT/NAME_from-RUN: `--steps-scale` and `--seed` then apply to stage 2
+only. The tower and projector are then the same in every arm, so arms differ less than full
+trainings do; a variant that changes stage 0 or 1 is refused there.
 
 A GPU run trains on the same batches as a CPU run but its arithmetic differs, so its numbers
 are not the CPU run's: compare variants trained on the same device, with `shipped` as that
@@ -24,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import subprocess
 import sys
 from dataclasses import replace
@@ -72,13 +79,35 @@ def variant_recipe(name: str, steps_scale: float = 1.0, seed: int | None = None)
     return recipe
 
 
+STAGE2_INPUTS = ("stage0_visual.safetensors", "stage1_projector.safetensors")
+
+
+def start_from(run: Path, out: Path, name: str) -> None:
+    """Put RUN's stage-0 tower and stage-1 projector where run_recipe(out, stages=(2,)) reads
+    them; refuse a variant whose stages 0 and 1 differ from the shipped recipe's."""
+    base, variant = variant_recipe("shipped"), variant_recipe(name)
+    if (base.stage0, base.stage1, base.vision) != (variant.stage0, variant.stage1, variant.vision):
+        raise SystemExit(f"--from: variant {name!r} changes stage 0 or 1, which --from does not run")
+    missing = [f for f in STAGE2_INPUTS if not (run / "train" / f).is_file()]
+    if missing:
+        raise SystemExit(f"--from {run}: no {', '.join(missing)} under {run / 'train'}")
+    (out / "train").mkdir(parents=True, exist_ok=True)
+    for f in STAGE2_INPUTS:
+        shutil.copyfile(run / "train" / f, out / "train" / f)
+
+
 def run(args) -> None:
-    from llava_core.train.recipe import run_recipe
+    from llava_core.train.recipe import STAGES, run_recipe
 
     name = args.name + ("" if args.steps_scale == 1 else f"_x{args.steps_scale:g}")
+    name += "" if args.start is None else f"_from-{args.start.name}"
     out = args.out / (name if args.seed is None else f"{name}_seed{args.seed}")
     recipe = variant_recipe(args.name, args.steps_scale, args.seed)
-    summary = run_recipe(out, recipe, device=args.device, workers=args.workers)
+    stages = STAGES
+    if args.start is not None:
+        start_from(args.start, out, args.name)
+        stages = (2,)
+    summary = run_recipe(out, recipe, stages=stages, device=args.device, workers=args.workers)
     print(f"{out.name}: trained in {summary['elapsed_s']:.0f} s on {summary['device']}", flush=True)
     subprocess.run([sys.executable, "-m", "llava_core.cli", "eval", str(out / "parts"), "--suite", "synthetic",
                     "-n", str(args.n), "--device", args.device, "--dtype", "float32",
@@ -130,6 +159,8 @@ def main() -> None:
     r.add_argument("--workers", type=int, default=0, help="processes drawing stage 0's batches ahead")
     r.add_argument("--steps-scale", type=float, default=1.0, help="times the shipped run's steps in every stage")
     r.add_argument("--seed", type=int, help="every stage's seed (default: the shipped run's, 0)")
+    r.add_argument("--from", dest="start", type=Path, metavar="RUN",
+                   help="train stage 2 alone, from RUN/train's stage-0 tower and stage-1 projector")
     r.add_argument("-n", type=int, default=200, help="questions per split")
     r.set_defaults(func=run)
     t = sub.add_parser("table", help="print the scores of every variant under OUT")

@@ -680,3 +680,19 @@ def test_recipe_variants_paired_counts_and_sign_test(tmp_path, capsys):
     out = capsys.readouterr().out
     # captions left out; 1 better, 6 worse: p = 2 * (C(7,0) + C(7,1)) / 2^7 = 0.125
     assert "8 questions" in out and "A wrong 1," in out and "B wrong 6," in out and "p = 0.125" in out
+
+
+def test_recipe_variants_from_a_run_trains_stage_2_alone(tmp_path):
+    rv = _recipe_variants()
+    run = tmp_path / "r9"
+    (run / "train").mkdir(parents=True)
+    with pytest.raises(SystemExit, match="no stage1_projector.safetensors"):
+        (run / "train" / "stage0_visual.safetensors").write_bytes(b"tower")
+        rv.start_from(run, tmp_path / "out", "shipped")
+    (run / "train" / "stage1_projector.safetensors").write_bytes(b"projector")
+    for name in ("content_route", "position_heads"):  # their change is in stage 0, which would not run
+        with pytest.raises(SystemExit, match="changes stage 0 or 1"):
+            rv.start_from(run, tmp_path / name, name)
+    rv.start_from(run, tmp_path / "mix", "position_mix")  # a stage-2 change
+    assert (tmp_path / "mix" / "train" / "stage0_visual.safetensors").read_bytes() == b"tower"
+    assert (tmp_path / "mix" / "train" / "stage1_projector.safetensors").read_bytes() == b"projector"
