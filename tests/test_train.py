@@ -194,6 +194,9 @@ def test_replay_sets_the_recorded_steps_and_refuses_other_settings():
     other.stage2.lora_r = 4
     with pytest.raises(ValueError, match="lora_r: 8 -> 4"):
         other.replay(summary)
+    # a run made under another budget or split replays: a replay pins the steps the budget set
+    rebudgeted = Recipe(budget_minutes=30.0, shares=(0.2, 0.2, 0.6), reserve_minutes=1.0)
+    assert (rebudgeted.replay(summary).stage2.loop.steps, rebudgeted.budget_minutes) == (289, None)
     del summary["recipe"]["stage0"]["aux_position"]  # a record made before the setting existed ...
     off, on = Recipe(), Recipe()
     off.stage0.aux_position, on.stage0.aux_position = False, True

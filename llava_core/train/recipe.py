@@ -98,7 +98,11 @@ class Recipe:
         for s, cfg in self.autocast_stages().items():
             if cfg.autocast == "auto":  # chosen per machine; the replay uses what the run used
                 cfg.autocast = recorded.get(f"stage{s}", {}).get("autocast")
-        differ = config_differences(recorded, _jsonable(asdict(self)))
+        # the budget only sets step counts, and a replay pins those: a run made under another
+        # budget or split replays as long as everything that computes is the same
+        unused = ("budget_minutes", "shares", "reserve_minutes")
+        differ = config_differences({k: v for k, v in recorded.items() if k not in unused},
+                                    {k: v for k, v in _jsonable(asdict(self)).items() if k not in unused})
         if differ:
             raise ValueError(f"--replay: the recorded run used other settings ({'; '.join(differ[:6])})")
         self.budget_minutes = None
