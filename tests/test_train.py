@@ -663,9 +663,9 @@ def test_recipe_variants_replay_the_shipped_steps_then_change_one_thing():
     rv = _recipe_variants()
     shipped, route = rv.variant_recipe("shipped"), rv.variant_recipe("content_route", steps_scale=0.5, seed=2)
     assert [(c.loop.steps, c.loop.stop_at) for c in shipped.stage_configs().values()] == [(1270, 1270), (121, 105),
-                                                                                           (451, 411)]
+                                                                                           (720, 720)]
     assert [(c.loop.steps, c.loop.stop_at) for c in route.stage_configs().values()] == [(635, 635), (60, 52),
-                                                                                         (226, 206)]
+                                                                                         (360, 360)]
     assert not shipped.stage0.aux_position and route.stage0.aux_position
     assert (shipped.stage2.mix["position"], route.stage2.mix["position"]) == (1.0, 2.0)
     assert shipped.seed == 0 and [c.seed for c in route.stage_configs().values()] == [2, 2, 2]
