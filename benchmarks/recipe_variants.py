@@ -33,7 +33,7 @@ import math
 import shutil
 import subprocess
 import sys
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,10 +84,16 @@ STAGE2_INPUTS = ("stage0_visual.safetensors", "stage1_projector.safetensors")
 
 def start_from(run: Path, out: Path, name: str) -> None:
     """Put RUN's stage-0 tower and stage-1 projector where run_recipe(out, stages=(2,)) reads
-    them; refuse a variant whose stages 0 and 1 differ from the shipped recipe's."""
-    base, variant = variant_recipe("shipped"), variant_recipe(name)
-    if (base.stage0, base.stage1, base.vision) != (variant.stage0, variant.stage1, variant.vision):
-        raise SystemExit(f"--from: variant {name!r} changes stage 0 or 1, which --from does not run")
+    them; refuse a variant that differs from the shipped recipe anywhere but in stage 2 (its
+    tower, projector or stages 0-1 would not be what RUN trained)."""
+    from llava_core.train.common import config_differences
+    from llava_core.train.recipe import _jsonable
+
+    base, variant = (_jsonable(asdict(variant_recipe(n))) for n in ("shipped", name))
+    differ = [d for d in config_differences(base, variant) if not d.startswith("stage2.")]
+    if differ:
+        raise SystemExit(f"--from: variant {name!r} changes stage 0 or 1, which --from does not run "
+                         f"({'; '.join(differ)})")
     missing = [f for f in STAGE2_INPUTS if not (run / "train" / f).is_file()]
     if missing:
         raise SystemExit(f"--from {run}: no {', '.join(missing)} under {run / 'train'}")
