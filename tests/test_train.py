@@ -566,9 +566,11 @@ def _ddp_rank(rank, port, out_dir, queue):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
     torch.set_num_threads(1)
     dist = init_distributed()
-    cfg = LoopConfig(budget_s=1.0, warmup=4, calibrate_steps=2, ckpt_every=0, progress=False)
-    # rank 1 starts its clock 0.4 s after rank 0: alone, each would stop at its own step
-    res = _toy_loop(Path(out_dir) / str(rank), cfg, lambda step: 0.01, dist, before=0.4 * rank)
+    # 3 s, not 1: on a loaded machine (tests beside a training run) 1 s gave each rank only 3
+    # steps, inside the warm-up, and the test failed without the ranks disagreeing
+    cfg = LoopConfig(budget_s=3.0, warmup=4, calibrate_steps=2, ckpt_every=0, progress=False)
+    # rank 1 starts its clock 1 s after rank 0: alone, each would stop at its own step
+    res = _toy_loop(Path(out_dir) / str(rank), cfg, lambda step: 0.01, dist, before=1.0 * rank)
     queue.put((rank, res.steps, res.total))
     torch.distributed.destroy_process_group()
 
