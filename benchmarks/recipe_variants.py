@@ -57,8 +57,14 @@ def position_mix(r) -> None:
     r.stage2.mix.update(position=2.0, relation=1.5, ocr=0.5)
 
 
+def mirror_twins(r) -> None:
+    """Stage 2 on mirror twins: each shape scene followed by its mirror image, "left" and
+    "right" swapped in its text (data/mirror.py), so pairs differ only in the sides."""
+    r.stage2.mirror_twins = True
+
+
 VARIANTS = {"shipped": lambda r: None, "content_route": content_route, "position_heads": position_heads,
-            "position_mix": position_mix}
+            "position_mix": position_mix, "mirror_twins": mirror_twins}
 
 
 def variant_recipe(name: str, steps_scale: float = 1.0, seed: int | None = None):

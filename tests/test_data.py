@@ -226,6 +226,48 @@ def _check_answers(samples) -> Counter:
     return checked
 
 
+def test_mirror_twins_are_true_of_the_mirrored_scene():
+    """A mirrored packed scene: every answer checks against the mirrored objects (relations by
+    their mirrored centres), its pixels sit where the objects now say, left/right answers
+    swap and nothing else does, the either-or options keep their order, and mirroring twice
+    gives the sample back. Words and documents are refused."""
+    from llava_core.data.mirror import mirror_sample, swap_sides
+
+    cfg = DataConfig()
+    packed = [make_sample("train", i, cfg, turns=8) for i in range(120)]
+    shapes = [s for s in packed if s["meta"]["kind"] == "shapes"]
+    twins = [mirror_sample(s) for s in shapes]
+    checked = _check_answers(twins)
+    assert checked["position_lr"] >= 5 and checked["relation"] >= 5 and checked["caption_detailed"] >= 3, checked
+    swapped = 0
+    for s, m in zip(shapes, twins):
+        w = m["image"].width
+        px = m["image"].load()
+        for o in m["meta"]["objects"]:
+            assert px[round(o["cx"]), round(o["cy"])] == COLOURS[o["colour"]], (o, m["meta"])
+        assert [o["cell"] for o in m["meta"]["objects"]] == sorted(o["cell"] for o in m["meta"]["objects"])
+        for k, task in enumerate(s["meta"]["tasks"]):
+            a, b = s["conversation"][2 * k + 1]["content"], m["conversation"][2 * k + 1]["content"]
+            if task == "position_lr":
+                assert {a, b} == {"left", "right"}
+                swapped += 1
+            elif task in ("colour", "shape", "count_all", "count_shape", "count_colour", "size", "caption_short"):
+                assert a == b or task == "caption_short"
+            q = m["conversation"][2 * k]["content"]
+            assert not re.search("right (side )?or (the )?left", q), q
+        back = mirror_sample(m)
+        assert back["conversation"] == s["conversation"] and _hash(back["image"]) == _hash(s["image"])
+        assert back["image"].width == w
+    assert swapped >= 5
+    assert swap_sides("Is the red star in the top left side or the right side?") == \
+        "Is the red star in the top left side or the right side?"
+    assert swap_sides("What is directly to the left of the blue circle on the right?") == \
+        "What is directly to the right of the blue circle on the left?"
+    word = next(s for s in packed if s["meta"]["kind"] != "shapes")
+    with pytest.raises(ValueError, match="only shape scenes"):
+        mirror_sample(word)
+
+
 def test_geometry_and_pixels(train_shapes):
     for s in train_shapes[:300]:
         px = s["image"].load()

@@ -100,6 +100,34 @@ def test_labels_cover_exactly_the_answers(processor):
     assert "red" in text and "3" in text and "colour" not in text and "ASSISTANT" not in text
 
 
+def test_mirror_twins_pair_each_shape_scene_with_its_mirror_image(processor):
+    """Stage 2's twins: in a window of batches, shape images come in pairs, one the other's
+    mirror image, and some pair's answers differ by a left for a right; without twins hardly
+    an image has its mirror image in the window."""
+    data = batches_mod.DataConfig(image_size=64)
+
+    def window(twins):
+        cb = batches_mod.ChatBatches(processor, data, 4, bucket=4, turns=8, mirror_twins=twins)
+        return [cb(i) for i in range(4)]
+
+    def rows(bs):
+        return [(b.pixel_values[r], b.labels[r][b.labels[r] != IGNORE]) for b in bs for r in range(b.size)]
+
+    def mirrored_pairs(bs):
+        found = rows(bs)
+        return [(i, j) for i, (x, _) in enumerate(found) for j, (y, _) in enumerate(found)
+                if i < j and torch.equal(x.flip(-1), y) and not torch.equal(x, y)]
+
+    twins = window(True)
+    pairs = mirrored_pairs(twins)
+    assert len(pairs) >= 4, pairs
+    found = rows(twins)
+    texts = [(processor.tokenizer.decode(found[i][1]), processor.tokenizer.decode(found[j][1])) for i, j in pairs]
+    assert any(a != b and (a.count("left"), a.count("right")) == (b.count("right"), b.count("left"))
+               for a, b in texts), texts
+    assert len(mirrored_pairs(window(False))) <= 1
+
+
 @pytest.mark.parametrize("mix", ["instruct", {"multiturn": 1.0}])
 def test_answer_loss_matches_full_logits(processor, mix):
     """The loss is the mean over answers of each answer's mean token loss, from full logits."""
@@ -671,6 +699,11 @@ def test_recipe_variants_replay_the_shipped_steps_then_change_one_thing():
     assert not shipped.stage0.aux_position and route.stage0.aux_position
     assert (shipped.stage2.mix["position"], route.stage2.mix["position"]) == (1.0, 2.0)
     assert shipped.seed == 0 and [c.seed for c in route.stage_configs().values()] == [2, 2, 2]
+    twins = rv.variant_recipe("mirror_twins")
+    assert twins.stage2.mirror_twins and not shipped.stage2.mirror_twins
+    from llava_core.train.common import config_differences
+    assert config_differences(dataclasses.asdict(shipped), dataclasses.asdict(twins)) == [
+        "stage2.mirror_twins: False -> True"]
 
 
 def test_recipe_variants_paired_counts_and_sign_test(tmp_path, capsys):

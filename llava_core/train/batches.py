@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ..data import DataConfig, make_sample
+from ..data.mirror import mirror_sample
 
 IGNORE = -100
 
@@ -150,12 +151,15 @@ class ChatBatches:
     """Batch `step` for this rank: samples of `split` from index `offset` on, bucketed by length.
 
     `mix_at(step)` gives the DataConfig mix for a step (a curriculum); samples of one bucket
-    window share the mix of the window's first step."""
+    window share the mix of the window's first step. With `mirror_twins`, each odd-numbered
+    sample after a shape scene is that scene mirrored left to right, its text saying so
+    (data/mirror.py): twins are equally long, so they mostly share a batch."""
 
     def __init__(self, processor, data: DataConfig, batch_size: int, mix_at=None, split: str = "train",
                  offset: int = 0, bucket: int = 8, max_len: int | None = None, seed: int = 0,
-                 rank: int = 0, world: int = 1, turns: int = 1):
+                 rank: int = 0, world: int = 1, turns: int = 1, mirror_twins: bool = False):
         self.processor, self.data, self.batch_size, self.turns = processor, data, batch_size, turns
+        self.mirror_twins = mirror_twins
         self.mix_at = mix_at
         self.split, self.offset, self.bucket, self.max_len = split, offset, bucket, max_len
         self.seed, self.rank, self.world = seed, rank, world
@@ -181,7 +185,10 @@ class ChatBatches:
         cfg = self._config(w * self.bucket)
         n = self.batch_size * self.bucket
         first = self.offset + (w * self.world + self.rank) * n
-        samples = [make_sample(self.split, first + i, cfg, self.turns) for i in range(n)]
+        samples = []
+        for i in range(n):
+            twin = self.mirror_twins and i % 2 and samples[-1]["meta"]["kind"] == "shapes"
+            samples.append(mirror_sample(samples[-1]) if twin else make_sample(self.split, first + i, cfg, self.turns))
         enc = [encode_sample(self.processor, s, self.max_len) for s in samples]
         order = sorted(range(n), key=lambda i: (len(enc[i].ids), i))
         chunks = [order[k:k + self.batch_size] for k in range(0, n, self.batch_size)]

@@ -55,6 +55,9 @@ class Stage2Config:
     mix: dict = field(default_factory=lambda: dict(INSTRUCT_MIX))
     easy_mix: dict = field(default_factory=lambda: dict(EASY_MIX))
     curriculum: float = 0.25  # fraction of the steps over which the mix moves from easy_mix to mix
+    # each shape scene followed by its mirror image, "left" and "right" swapped in its text
+    # (data/mirror.py): pairs that differ only in the sides things are on
+    mirror_twins: bool = False
     train_tower_blocks: int = 0  # > 0: also train the tower's last k blocks (LLaVA keeps it frozen)
     tower_lr: float = 1e-4
     autocast: str | None = None  # "bfloat16"/"auto": the step's forward under torch.autocast (Stage1Config)
@@ -158,7 +161,8 @@ def train_stage2(out_dir: str | Path, model, processor, cfg: Stage2Config, resum
     holder = {"total": cfg.loop.steps}
     batches = ChatBatches(processor, data, cfg.batch_size, mix_at=lambda s: mix_at(cfg, s, holder["total"]),
                           split=cfg.split, offset=cfg.offset, bucket=cfg.bucket, max_len=cfg.max_len,
-                          seed=cfg.seed, rank=dist.rank, world=dist.world, turns=cfg.turns)
+                          seed=cfg.seed, rank=dist.rank, world=dist.world, turns=cfg.turns,
+                          mirror_twins=cfg.mirror_twins)
     step_module = wrap_ddp(AnswerStep(model, train_tower=cfg.train_tower_blocks > 0, autocast=cfg.autocast), dist)
 
     def step_fn(step, total=None):
