@@ -153,7 +153,7 @@ class ChatBatches:
     `mix_at(step)` gives the DataConfig mix for a step (a curriculum); samples of one bucket
     window share the mix of the window's first step. With `mirror_twins`, each odd-numbered
     sample after a shape scene is that scene mirrored left to right, its text saying so
-    (data/mirror.py): twins are equally long, so they mostly share a batch."""
+    (data/mirror.py): twins are about equally long, so they mostly share a batch."""
 
     def __init__(self, processor, data: DataConfig, batch_size: int, mix_at=None, split: str = "train",
                  offset: int = 0, bucket: int = 8, max_len: int | None = None, seed: int = 0,
