@@ -132,8 +132,13 @@ class Prefetch:
         return self.pending.pop(step).get()
 
     def close(self) -> None:
+        """Wait for the batches still being drawn, then stop the workers. Not terminate() with
+        results outstanding: CPython's Pool can then fail its own check ("Cannot have cache with
+        result_hander not alive"), which made a test fail now and then in CI."""
         if self.pool is not None:
-            self.pool.terminate()
+            for r in self.pending.values():
+                r.wait()
+            self.pool.close()
             self.pool.join()
             self.pool, self.pending = None, {}
 
