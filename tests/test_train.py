@@ -17,7 +17,7 @@ from llava_core.processor import ImageConfig, LlavaProcessor
 from llava_core.testing import LLAVA15_CHAT_TEMPLATE, make_tokenizer
 from llava_core.train import batches as batches_mod
 from llava_core.train.batches import IGNORE, answer_loss, encode_conversation
-from llava_core.train.common import LoopConfig, lr_factor, read_jsonl
+from llava_core.train.common import LoopConfig, config_differences, lr_factor, read_jsonl
 from llava_core.train.recipe import Recipe, run_recipe
 from llava_core.train.stage0_clip import (CaptionTokenizer, Stage0Config, TextTowerConfig, build_clip,
                                           load_visual, train_stage0, visual_state)
@@ -701,7 +701,6 @@ def test_recipe_variants_replay_the_shipped_steps_then_change_one_thing():
     assert shipped.seed == 0 and [c.seed for c in route.stage_configs().values()] == [2, 2, 2]
     twins = rv.variant_recipe("mirror_twins")
     assert twins.stage2.mirror_twins and not shipped.stage2.mirror_twins
-    from llava_core.train.common import config_differences
     assert config_differences(dataclasses.asdict(shipped), dataclasses.asdict(twins)) == [
         "stage2.mirror_twins: False -> True"]
 

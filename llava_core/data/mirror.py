@@ -57,12 +57,11 @@ def mirror_sample(sample: dict) -> dict:
         raise ValueError(f"mirror_sample: only shape scenes can be mirrored, not a {meta.get('kind')!r} image")
     image = ImageOps.mirror(sample["image"])
     objects = mirror_objects(meta["objects"], image.width)
-    tasks = meta.get("tasks", [])
+    tasks = meta["tasks"]  # one per (user, assistant) turn
     conversation = []
     for i, m in enumerate(sample["conversation"]):
-        task = tasks[i // 2] if i // 2 < len(tasks) else None
-        if m["role"] == "assistant" and task in _CAPTIONS:
-            content = _CAPTIONS[task](objects)
+        if m["role"] == "assistant" and tasks[i // 2] in _CAPTIONS:
+            content = _CAPTIONS[tasks[i // 2]](objects)
         else:
             content = swap_sides(m["content"])
         conversation.append({"role": m["role"], "content": content})
