@@ -59,7 +59,9 @@ def position_mix(r) -> None:
 
 def mirror_twins(r) -> None:
     """Stage 2 on mirror twins: each shape scene followed by its mirror image, "left" and
-    "right" swapped in its text (data/mirror.py), so pairs differ only in the sides."""
+    "right" swapped in its text (data/mirror.py), so pairs differ only in the sides.
+    Measured once from r6 (weights/README.md): no left/right separation, and within seed noise
+    of the recipe overall."""
     r.stage2.mirror_twins = True
 
 
