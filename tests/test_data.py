@@ -232,6 +232,7 @@ def test_mirror_twins_are_true_of_the_mirrored_scene():
     swap and nothing else does, the either-or options keep their order, and mirroring twice
     gives the sample back. Words and documents are refused."""
     from llava_core.data.mirror import mirror_sample, swap_sides
+    from llava_core.data.questions import LR_QS
 
     cfg = DataConfig()
     packed = [make_sample("train", i, cfg, turns=8) for i in range(120)]
@@ -257,6 +258,8 @@ def test_mirror_twins_are_true_of_the_mirrored_scene():
         back = mirror_sample(m)
         assert back["conversation"] == s["conversation"] and _hash(back["image"]) == _hash(s["image"])
     assert swapped >= 5
+    for q in LR_QS:  # every phrasing the generator has keeps its options' order
+        assert swap_sides(q.format(obj="red star")) == q.format(obj="red star"), q
     assert swap_sides("Is the red star in the top left side or the right side?") == \
         "Is the red star in the top left side or the right side?"
     assert swap_sides("What is directly to the left of the blue circle on the right?") == \

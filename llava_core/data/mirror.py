@@ -19,11 +19,12 @@ import re
 
 from PIL import ImageOps
 
-from .questions import detailed_caption, short_caption
+from .questions import LR_QS, detailed_caption, short_caption
 from .vocab import CELL_NAMES
 
-# options whose order is part of the phrasing, not of the answer (questions.LR_QS)
-_OPTIONS = ("left or the right", "left side or the right side", "left or right")
+# the either-or options of questions.LR_QS, from its first "left" to its last "right": their
+# order is part of the phrasing, not of the answer ("left or the right", "left side or the right")
+_OPTIONS = tuple(q[q.index("left"):q.rindex("right") + len("right")] for q in LR_QS)
 _SIDE = re.compile(r"\b(left|right|Left|Right)\b")
 _SWAP = {"left": "right", "right": "left", "Left": "Right", "Right": "Left"}
 _CAPTIONS = {"caption_short": short_caption, "caption_detailed": detailed_caption}
