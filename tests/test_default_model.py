@@ -1,6 +1,7 @@
-"""The default model's parts format: tokenizer and chat template, building on the GGUF SmolLM2,
-save_parts -> assemble (LoRA merged) -> the same logits as the unmerged model, export to a folder
-transformers loads and answers from token for token as we do, and the assembly cache."""
+"""The default model (default_model.py) and its parts format (parts.py): tokenizer and chat
+template, building on the GGUF SmolLM2, save_parts -> assemble (LoRA merged) -> the same logits
+as the unmerged model, export to a folder transformers loads and answers from token for token
+as we do, and the assembly cache."""
 
 import copy
 import json
@@ -16,6 +17,7 @@ peft = pytest.importorskip("peft")
 from llava_core import default_model as dm  # noqa: E402
 from llava_core import lora  # noqa: E402
 from llava_core import model_cache as mc  # noqa: E402
+from llava_core import parts as pf  # noqa: E402
 from llava_core.assistant import generate  # noqa: E402
 from llava_core.config import LlavaConfig, VisionConfig  # noqa: E402
 from llava_core.gguf import SMOLLM2_GGUF, SMOLLM2_SHA256, GGUFIntegrityError, load_gguf_decoder  # noqa: E402
@@ -61,7 +63,7 @@ def tokenizer():
 @pytest.fixture(scope="module")
 def env(gguf, tmp_path_factory):
     """Cache folder in tmp; the GGUF decoder read once (the sha256 check still runs for other hashes)."""
-    real = dm._gguf_state
+    real = dm.gguf_state
 
     def cached(dtype=torch.float32, sha256=SMOLLM2_SHA256, path=None):
         if sha256 != SMOLLM2_SHA256 or path is not None:
@@ -69,7 +71,8 @@ def env(gguf, tmp_path_factory):
         return {k: v.to(dtype) for k, v in gguf[0].state_dict().items()}, gguf[1]
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(dm, "_gguf_state", cached)
+        mp.setattr(dm, "gguf_state", cached)  # build_default_model's
+        mp.setattr(pf, "gguf_state", cached)  # load_parts' and verify_decoder's
         mp.setenv("LLAVA_CORE_CACHE", str(tmp_path_factory.mktemp("cache")))
         yield mp
 
@@ -93,7 +96,7 @@ def parts(env, lora_model, tmp_path_factory):
     model, wrapped = lora_model
     folder = tmp_path_factory.mktemp("weights") / "parts"
     state = peft.get_peft_model_state_dict(wrapped)
-    return dm.save_parts(model, folder, state, wrapped.peft_config["default"], extra_files={"README.md": "hi"})
+    return pf.save_parts(model, folder, state, wrapped.peft_config["default"], extra_files={"README.md": "hi"})
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +167,7 @@ def test_processor_config_gives_transformers_our_image_token_count(tokenizer, st
     from transformers import LlavaProcessor as HFLlavaProcessor
 
     cfg = dm.default_llava_config(SMALL, strategy=strategy)
-    pc = dm.processor_config(cfg)
+    pc = pf.processor_config(cfg)
     hf = HFLlavaProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 64},
                                                              crop_size={"height": 64, "width": 64}),
                           tokenizer=tokenizer, chat_template=dm.CHAT_TEMPLATE, patch_size=pc["patch_size"],
@@ -195,7 +198,7 @@ def test_parts_folder_holds_only_trained_parts(parts, lora_model):
     assert {"config.json", "parts.safetensors", "lora/adapter_model.safetensors", "lora/adapter_config.json",
             "decoder.json", "tokenizer.json", "tokenizer_config.json", "preprocessor_config.json",
             "processor_config.json", "chat_template.json", "README.md"} <= names
-    assert sum((parts / n).stat().st_size for n in names) < dm.MAX_PARTS_BYTES
+    assert sum((parts / n).stat().st_size for n in names) < pf.MAX_PARTS_BYTES
     from safetensors.torch import load_file
     lora = load_file(str(parts / "lora" / "adapter_model.safetensors"))
     assert "layers.3.self_attn.q_proj.lora_A.weight" in lora and len(lora) == 30 * 2 * 2
@@ -252,14 +255,14 @@ def test_resolve_model_reuses_and_redoes(parts, assembled, monkeypatch):
 
     model = load_pretrained(assembled)
     calls = []
-    monkeypatch.setattr(dm, "load_parts", lambda *a, **k: calls.append(a) or model)
-    (assembled / dm.MARKER).unlink()  # as if the assembly had crashed before its last file
+    monkeypatch.setattr(pf, "load_parts", lambda *a, **k: calls.append(a) or model)
+    (assembled / pf.MARKER).unlink()  # as if the assembly had crashed before its last file
     assert mc.resolve_model(parts) == assembled and len(calls) == 1
     assert mc.is_assembled(assembled)
 
     monkeypatch.setenv("LLAVA_CORE_WEIGHTS", str(parts))
     default = mc.resolve_model("default")
-    assert default.name == f"default-{dm.parts_hash(parts)}" and len(calls) == 2
+    assert default.name == f"default-{pf.parts_hash(parts)}" and len(calls) == 2
 
 
 def test_resolve_model_errors(tmp_path, monkeypatch):
@@ -276,8 +279,8 @@ def _fake_assemblies(root, names):
     for age, name in enumerate(names):
         (root / name).mkdir(parents=True)
         (root / name / "model.safetensors").write_bytes(b"x")
-        (root / name / dm.MARKER).write_text("{}")
-        os.utime(root / name / dm.MARKER, (1e9 - age * 100, 1e9 - age * 100))
+        (root / name / pf.MARKER).write_text("{}")
+        os.utime(root / name / pf.MARKER, (1e9 - age * 100, 1e9 - age * 100))
 
 
 def test_prune_cache_keeps_the_most_recently_used(tmp_path, monkeypatch):
@@ -301,14 +304,14 @@ def test_a_new_assembly_prunes_and_a_reuse_counts_as_use(parts, tmp_path, monkey
 
     def fake_assemble(parts_folder, out):  # the real one is tested above; this one is instant
         out.mkdir()
-        dm.write_json(out / dm.MARKER, {"parts_hash": dm.parts_hash(parts_folder), "format": dm.ASSEMBLY_FORMAT})
-    monkeypatch.setattr(dm, "assemble", fake_assemble)
+        pf.write_json(out / pf.MARKER, {"parts_hash": pf.parts_hash(parts_folder), "format": pf.ASSEMBLY_FORMAT})
+    monkeypatch.setattr(pf, "assemble", fake_assemble)
     out = mc.resolve_model(parts)
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == sorted(["b", out.name])
 
-    os.utime(out / dm.MARKER, (1, 1))  # long unused ...
+    os.utime(out / pf.MARKER, (1, 1))  # long unused ...
     assert mc.resolve_model(parts) == out
-    assert (out / dm.MARKER).stat().st_mtime > 1e9  # ... until used again
+    assert (out / pf.MARKER).stat().st_mtime > 1e9  # ... until used again
 
     monkeypatch.setenv("LLAVA_CORE_CACHE_KEEP", "0")
     with pytest.raises(ValueError, match="LLAVA_CORE_CACHE_KEEP='0'"):
@@ -317,13 +320,13 @@ def test_a_new_assembly_prunes_and_a_reuse_counts_as_use(parts, tmp_path, monkey
 
 def test_assembly_is_atomic(parts, assembled, tmp_path, monkeypatch):
     model = load_pretrained(assembled)
-    monkeypatch.setattr(dm, "load_parts", lambda *a, **k: model)
+    monkeypatch.setattr(pf, "load_parts", lambda *a, **k: model)
 
     def crash(*args, **kwargs):
         raise OSError("disk full")
-    monkeypatch.setattr(dm, "write_llava_hf", crash)
+    monkeypatch.setattr(pf, "write_llava_hf", crash)
     with pytest.raises(OSError, match="disk full"):
-        dm.assemble(parts, tmp_path / "out")
+        pf.assemble(parts, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []  # neither the target nor a temp folder
 
 
@@ -334,7 +337,7 @@ def test_wrong_decoder_hash_is_refused(parts, tmp_path, env):
     d = json.loads((bad / "decoder.json").read_text())
     (bad / "decoder.json").write_text(json.dumps({**d, "sha256": "0" * 64}))
     with pytest.raises(GGUFIntegrityError, match="sha256"):
-        dm.assemble(bad, tmp_path / "out")
+        pf.assemble(bad, tmp_path / "out")
 
 
 def test_save_parts_refuses_a_changed_decoder(base, env, tmp_path):
@@ -344,7 +347,7 @@ def test_save_parts_refuses_a_changed_decoder(base, env, tmp_path):
         w[0, 0] = old + 1
     try:
         with pytest.raises(ValueError, match="layers.0.mlp.up_proj.weight"):
-            dm.save_parts(base, tmp_path / "parts")
+            pf.save_parts(base, tmp_path / "parts")
     finally:
         with torch.no_grad():
             w[0, 0] = old

@@ -11,7 +11,7 @@
     train/stage{0,1,2}.ckpt    last checkpoint of each stage (resume from it with resume=True)
     train/stage0_visual.safetensors, train/stage1_projector.safetensors   stage outputs
     train/summary.json         recipe, per-stage results, probe and evaluation numbers
-    parts/                     the trained parts, written by default_model.save_parts
+    parts/                     the trained parts, written by parts.save_parts
 
 A time budget (`budget_minutes`) is split over the stages by `shares` after `reserve_minutes`
 for loading, evaluation and saving; each stage turns its share into a step count from its
@@ -195,7 +195,7 @@ def _default_processor(cfg):
 
 
 def _save_default(model, folder: Path, lora, lora_cfg, extra_files: dict) -> Path:
-    from ..default_model import save_parts
+    from ..parts import save_parts
     return save_parts(model, folder, lora, lora_cfg, extra_files=extra_files)
 
 
