@@ -8,7 +8,8 @@ import pytest
 from PIL import Image
 
 from llava_core.assistant import TASKS, generate, task_prompt
-from llava_core.cli import TASK_NAMES, read_done
+from llava_core.caption_cli import read_done
+from llava_core.cli import TASK_NAMES
 from llava_core.loader import load_pretrained
 from llava_core.processor import LlavaProcessor
 
