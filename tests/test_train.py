@@ -703,6 +703,26 @@ def test_recipe_variants_replay_the_shipped_steps_then_change_one_thing():
     assert twins.stage2.mirror_twins and not shipped.stage2.mirror_twins
     assert config_differences(dataclasses.asdict(shipped), dataclasses.asdict(twins)) == [
         "stage2.mirror_twins: False -> True"]
+    light = rv.variant_recipe("reading_light")
+    assert sorted(config_differences(dataclasses.asdict(shipped), dataclasses.asdict(light))) == [
+        "stage2.easy_mix.ocr: 0.75 -> 0.25", "stage2.mix.document: 1.0 -> 0.25", "stage2.mix.ocr: 1.0 -> 0.25"]
+
+
+def test_patch_cost_times_a_step_by_the_median_after_the_warm_up(tmp_path):
+    import importlib.util
+
+    path = Path(__file__).parents[1] / "benchmarks" / "patch_cost.py"
+    spec = importlib.util.spec_from_file_location("patch_cost", path)
+    pc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pc)
+    f = tmp_path / "stage0.jsonl"
+    times = [4.0, 9.0, 10.0, 11.5, 12.5, 20.5]  # elapsed_s at the end of steps 1-6
+    f.write_text("".join(json.dumps({"step": i + 1, "elapsed_s": t}) + "\n" for i, t in enumerate(times)))
+    # step 1 ends at 4 s, steps 2-6 take 5, 1, 1.5, 1, 8 s; steps 1-2 dropped: median of 1, 1.5, 1, 8
+    assert pc.step_seconds(f) == 1.25
+    f.write_text(json.dumps({"elapsed_s": 1.0}) + "\n" + json.dumps({"elapsed_s": 2.0}) + "\n")
+    with pytest.raises(SystemExit, match="too few steps"):
+        pc.step_seconds(f)
 
 
 def test_recipe_variants_paired_counts_and_sign_test(tmp_path, capsys):
