@@ -706,6 +706,9 @@ def test_recipe_variants_replay_the_shipped_steps_then_change_one_thing():
     light = rv.variant_recipe("reading_light")
     assert sorted(config_differences(dataclasses.asdict(shipped), dataclasses.asdict(light))) == [
         "stage2.easy_mix.ocr: 0.75 -> 0.25", "stage2.mix.document: 1.0 -> 0.25", "stage2.mix.ocr: 1.0 -> 0.25"]
+    wide = rv.variant_recipe("lora_r16")
+    assert sorted(config_differences(dataclasses.asdict(shipped), dataclasses.asdict(wide))) == [
+        "stage2.lora_alpha: 16 -> 32", "stage2.lora_r: 8 -> 16"]
 
 
 def test_patch_cost_times_a_step_by_the_median_after_the_warm_up(tmp_path):
