@@ -31,8 +31,9 @@ SKIP = 2  # first steps left out of the median (allocator, thread-pool warm-up)
 
 
 def step_seconds(jsonl: Path) -> float:
-    rows = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
-    t = [r["elapsed_s"] for r in rows]
+    from llava_core.train.common import read_jsonl
+
+    t = [r["elapsed_s"] for r in read_jsonl(jsonl)]  # at the end of steps 1, 2, ...
     dt = [b - a for a, b in zip(t, t[1:])][SKIP - 1:]
     if not dt:
         raise SystemExit(f"{jsonl}: too few steps to time; raise --steps")
@@ -63,9 +64,9 @@ def main() -> None:
         raise SystemExit(f"--steps {args.steps}: needs at least {SKIP + 2}")
     from llava_core.train.recipe import default_recipe
 
-    shipped = json.loads((ROOT / "weights" / "training.json").read_text())
-    counts = {k: cfg.loop.stop_at for k, cfg in default_recipe().replay(shipped).stage_configs().items()}
-    image = default_recipe().vision.image_size
+    shipped = default_recipe().replay(json.loads((ROOT / "weights" / "training.json").read_text()))
+    counts = {k: cfg.loop.stop_at for k, cfg in shipped.stage_configs().items()}
+    image = shipped.vision.image_size
     times = {}
     with tempfile.TemporaryDirectory() as tmp:
         for patch in args.patches:

@@ -679,18 +679,19 @@ def test_run_recipe_on_cuda_trains_there_and_saves_from_the_cpu(tmp_path, proces
     assert saved == {"devices": {"cpu"}, "lora": {"cpu"}}
 
 
-def _recipe_variants():
+def _benchmark(name: str):
+    """benchmarks/NAME.py as a module (the folder is not a package)."""
     import importlib.util
 
-    path = Path(__file__).parents[1] / "benchmarks" / "recipe_variants.py"
-    spec = importlib.util.spec_from_file_location("recipe_variants", path)
+    path = Path(__file__).parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
 def test_recipe_variants_replay_the_shipped_steps_then_change_one_thing():
-    rv = _recipe_variants()
+    rv = _benchmark("recipe_variants")
     shipped, route = rv.variant_recipe("shipped"), rv.variant_recipe("content_route", steps_scale=0.5, seed=2)
     assert [(c.loop.steps, c.loop.stop_at) for c in shipped.stage_configs().values()] == [(1270, 1270), (121, 105),
                                                                                            (720, 720)]
@@ -712,12 +713,7 @@ def test_recipe_variants_replay_the_shipped_steps_then_change_one_thing():
 
 
 def test_patch_cost_times_a_step_by_the_median_after_the_warm_up(tmp_path):
-    import importlib.util
-
-    path = Path(__file__).parents[1] / "benchmarks" / "patch_cost.py"
-    spec = importlib.util.spec_from_file_location("patch_cost", path)
-    pc = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(pc)
+    pc = _benchmark("patch_cost")
     f = tmp_path / "stage0.jsonl"
     times = [4.0, 9.0, 10.0, 11.5, 12.5, 20.5]  # elapsed_s at the end of steps 1-6
     f.write_text("".join(json.dumps({"step": i + 1, "elapsed_s": t}) + "\n" for i, t in enumerate(times)))
@@ -729,7 +725,7 @@ def test_patch_cost_times_a_step_by_the_median_after_the_warm_up(tmp_path):
 
 
 def test_recipe_variants_paired_counts_and_sign_test(tmp_path, capsys):
-    rv = _recipe_variants()
+    rv = _benchmark("recipe_variants")
     rows = lambda scores, qtype="colour": "".join(  # noqa: E731
         json.dumps({"split": "test", "index": i, "qtype": qtype, "score": s}) + "\n" for i, s in enumerate(scores))
     (tmp_path / "a.jsonl").write_text(rows([1, 1, 1, 1, 1, 1, 0, 0]) + rows([0], "caption_short").replace(
@@ -743,7 +739,7 @@ def test_recipe_variants_paired_counts_and_sign_test(tmp_path, capsys):
 
 
 def test_recipe_variants_from_a_run_trains_stage_2_alone(tmp_path):
-    rv = _recipe_variants()
+    rv = _benchmark("recipe_variants")
     run = tmp_path / "r9"
     (run / "train").mkdir(parents=True)
     with pytest.raises(SystemExit, match="no stage1_projector.safetensors"):
