@@ -31,7 +31,7 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    from llava_core import cpu_kernels
+    from llava_core.model import cpu_kernels
 
     if not cpu_kernels.available():
         print("the AVX2 kernel is not available here (no AVX2/FMA, no compiler, or LLAVA_CORE_CPU_KERNELS=0)")

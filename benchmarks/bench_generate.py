@@ -144,7 +144,7 @@ def prompt(processor, n_question_tokens: int = 32):
 
 def run_ours(model, processor, question, image, new_tokens, device, cuda_graph=True) -> tuple[float, float, int]:
     """One generation: (time to first token, decode tokens/s, prompt tokens)."""
-    from llava_core.generate import SamplingParams, decode_loop, prefill
+    from llava_core.runtime.decode import SamplingParams, decode_loop, prefill
 
     enc = processor(text=[processor.prompt(question)], images=[image])
     ids = enc["input_ids"].to(device)
@@ -205,7 +205,7 @@ def run_hf(hf, processor, question, image, new_tokens, device) -> tuple[float, f
 
 def time_chat(model, processor, image, device, repeats):
     """Turn-2 time to first token: kept cache vs a fresh prefill of the whole conversation."""
-    from llava_core.chat import ChatSession
+    from llava_core.runtime.chat import ChatSession
 
     kept, fresh = [], []
     for _ in range(repeats + 1):
@@ -246,13 +246,13 @@ def main(argv=None):
 
     from transformers import LlavaForConditionalGeneration
 
-    from llava_core.loader import load_pretrained
-    from llava_core.processor import LlavaProcessor
+    from llava_core.checkpoints.loader import load_pretrained
+    from llava_core.model.processor import LlavaProcessor
 
     if args.model:
         folder = Path(args.model)
         if args.model == "default":
-            from llava_core.model_cache import resolve_model
+            from llava_core.default.cache import resolve_model
             folder = resolve_model(args.model)
     else:
         folder = build_checkpoint(Path(args.ckpt_dir) / f"{args.shape}-{args.dtype}", args.shape, dtype,
@@ -264,7 +264,7 @@ def main(argv=None):
 
     model = load_pretrained(folder, dtype=dtype, device=args.device)
     if args.int8:
-        from llava_core.llama import quantize_int8
+        from llava_core.model.quantize import quantize_int8
         quantize_int8(model.language_model)
         print("llava_core runs with weight-only int8 decoder projections and lm_head (--int8)")
     hf = None

@@ -27,7 +27,7 @@ GOAL = 1.15
 CHILD = r"""
 import resource, sys, time
 import torch
-from llava_core.loader import load_pretrained
+from llava_core.checkpoints.loader import load_pretrained
 
 def status(field):  # kB
     for line in open("/proc/self/status"):

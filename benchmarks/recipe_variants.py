@@ -139,7 +139,7 @@ def run(args) -> None:
         stages = (2,)
     summary = run_recipe(out, recipe, stages=stages, device=args.device, workers=args.workers)
     print(f"{out.name}: trained in {summary['elapsed_s']:.0f} s on {summary['device']}", flush=True)
-    subprocess.run([sys.executable, "-m", "llava_core.cli", "eval", str(out / "parts"), "--suite", "synthetic",
+    subprocess.run([sys.executable, "-m", "llava_core.cli.main", "eval", str(out / "parts"), "--suite", "synthetic",
                     "-n", str(args.n), "--device", args.device, "--dtype", "float32",
                     "--out", str(out / "eval.json"), "--predictions", str(out / "predictions.jsonl")],
                    check=True, cwd=ROOT)
@@ -164,7 +164,7 @@ def table(args) -> None:
 def paired(args) -> None:
     """Question by question, B against A (captions left out, as in `overall`): how many B gets
     right that A gets wrong and the reverse, and the two-sided sign test's p on those."""
-    from llava_core.evaluate import CAPTION_QTYPES
+    from llava_core.eval.synthetic import CAPTION_QTYPES
     from llava_core.train.common import read_jsonl
 
     a, b = ({(r["split"], r["index"]): r for r in read_jsonl(f)} for f in (args.a, args.b))

@@ -6,23 +6,31 @@ The public surface, documented in the README:
     generate(model, processor, prompts, images, **sampling) / stream(...)
     ChatSession(model, processor, images)
 Names are imported on first use, so `llava-core --help` does not wait for torch.
+
+The package is layered; each layer imports only the ones above it in this list:
+    model/        the architecture: config, vision tower, projector, decoder, KV cache, processor
+    checkpoints/  llava-hf loading and export, GGUF, LoRA
+    runtime/      prefill / decode / sampling, the generate API, chat sessions
+    default/      the embedded default model (build, trained parts, assembly cache)
+    data/ train/ eval/ research/   synthetic data, the training recipe, scoring, probes and ablations
+    cli/          the `llava-core` command (nothing imports it)
 """
 
 __version__ = "0.1.0"
 
 _PUBLIC = {
-    "load_pretrained": "loader",
-    "CheckpointError": "loader",
-    "LlavaProcessor": "processor",
-    "LlavaModel": "llava",
-    "LlavaConfig": "config",
-    "ConfigError": "config",
-    "KVCache": "kv_cache",
-    "SamplingParams": "generate",
-    "generate": "assistant",
-    "stream": "assistant",
-    "ChatSession": "chat",
-    "quantize_int8": "llama",
+    "load_pretrained": "checkpoints.loader",
+    "CheckpointError": "checkpoints.loader",
+    "LlavaProcessor": "model.processor",
+    "LlavaModel": "model.llava",
+    "LlavaConfig": "model.config",
+    "ConfigError": "model.config",
+    "KVCache": "model.kv_cache",
+    "SamplingParams": "runtime.decode",
+    "generate": "runtime.generate",
+    "stream": "runtime.generate",
+    "ChatSession": "runtime.chat",
+    "quantize_int8": "model.quantize",
 }
 
 __all__ = sorted(_PUBLIC)
@@ -33,28 +41,3 @@ def __getattr__(name):
         import importlib
         return getattr(importlib.import_module(f".{_PUBLIC[name]}", __name__), name)
     raise AttributeError(f"module 'llava_core' has no attribute {name!r}")
-
-
-def _keep_generate_public() -> None:
-    """`llava_core.generate` is the function (assistant.generate), as documented, although a
-    submodule has the same name: importing a submodule sets it as an attribute of its package,
-    which would replace the function by the module. This property reads the function and lets
-    that attribute write go; `from llava_core.generate import ...` still finds the module in
-    sys.modules."""
-    import sys
-    import types
-
-    class _Package(types.ModuleType):
-        @property
-        def generate(self):
-            from .assistant import generate
-            return generate
-
-        @generate.setter
-        def generate(self, value):
-            pass
-
-    sys.modules[__name__].__class__ = _Package
-
-
-_keep_generate_public()

@@ -6,9 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
-from llava_core.ablate import AblationConfig, markdown_table, run_sweep, summarize, with_projector
-from llava_core.config import ConfigError
-from llava_core.loader import load_pretrained
+from llava_core.research.ablate import AblationConfig, markdown_table, run_sweep, summarize, with_projector
+from llava_core.model.config import ConfigError
+from llava_core.checkpoints.loader import load_pretrained
 from llava_core.testing import make_tiny_checkpoint
 
 
@@ -74,7 +74,7 @@ def test_ablate_command_line(ckpt, tmp_path):
     import sys
 
     def run(*args):
-        return subprocess.run([sys.executable, "-m", "llava_core.cli", "ablate", *map(str, args)],
+        return subprocess.run([sys.executable, "-m", "llava_core.cli.main", "ablate", *map(str, args)],
                               capture_output=True, text=True, timeout=300)
 
     out = tmp_path / "cli"

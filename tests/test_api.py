@@ -8,9 +8,9 @@ import llava_core as lc
 
 
 def test_generate_is_the_function_even_after_its_module_is_imported(tiny_ckpt):
-    importlib.import_module("llava_core.generate")  # sets the package attribute, as any import does
-    importlib.import_module("llava_core.chat")
-    from llava_core.generate import prefill  # the module stays importable by name
+    importlib.import_module("llava_core.runtime.generate")  # a module named generate, one level down
+    importlib.import_module("llava_core.runtime.chat")
+    from llava_core.runtime.decode import prefill  # the module stays importable by name
     assert callable(prefill)
     model, processor = lc.load_pretrained(tiny_ckpt), lc.LlavaProcessor.from_pretrained(tiny_ckpt)
     image = Image.new("RGB", (120, 90), "blue")

@@ -4,11 +4,11 @@ import pytest
 import torch
 from PIL import Image
 
-from llava_core.assistant import generate
-from llava_core.chat import ChatSession
-from llava_core.kv_cache import ContextOverflowError
-from llava_core.loader import load_pretrained
-from llava_core.processor import LlavaProcessor
+from llava_core.runtime.generate import generate
+from llava_core.runtime.chat import ChatSession
+from llava_core.model.kv_cache import ContextOverflowError
+from llava_core.checkpoints.loader import load_pretrained
+from llava_core.model.processor import LlavaProcessor
 
 TOL = 1e-4  # fp32
 

@@ -7,15 +7,15 @@ import sys
 import pytest
 from PIL import Image
 
-from llava_core.assistant import TASKS, generate, task_prompt
-from llava_core.caption_cli import read_done
-from llava_core.cli import TASK_NAMES
-from llava_core.loader import load_pretrained
-from llava_core.processor import LlavaProcessor
+from llava_core.runtime.generate import TASKS, generate, task_prompt
+from llava_core.cli.caption import read_done
+from llava_core.cli.main import TASK_NAMES
+from llava_core.checkpoints.loader import load_pretrained
+from llava_core.model.processor import LlavaProcessor
 
 
 def run(*args, stdin=None):
-    return subprocess.run([sys.executable, "-m", "llava_core.cli", *map(str, args)], input=stdin,
+    return subprocess.run([sys.executable, "-m", "llava_core.cli.main", *map(str, args)], input=stdin,
                           capture_output=True, text=True, timeout=180)
 
 
@@ -136,7 +136,7 @@ def test_export_writes_a_folder_transformers_loads(tiny_ckpt, tmp_path):
 
 
 def test_train_forwards_its_options_to_the_recipe(capsys):
-    from llava_core.cli import main
+    from llava_core.cli.main import main
 
     with pytest.raises(SystemExit) as e:
         main(["train", "--help"])

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from llava_core.testing import make_tiny_checkpoint
 
 SCRIPT = Path(sys.executable).parent / "llava-core"  # the console script pyproject.toml installs
-MODULE = [sys.executable, "-m", "llava_core.cli"]
+MODULE = [sys.executable, "-m", "llava_core.cli.main"]
 
 
 @pytest.fixture(scope="module")
@@ -130,13 +130,13 @@ def test_bad_input_is_one_line_without_traceback(results, name, fragments):
     ("mismatch", ["1 missing", "1 unexpected", "1 shape mismatches", "-v lists them"]),
 ])
 def test_broken_weights_are_one_line_in_process(capsys, broken, name, fragments):
-    from llava_core.cli import main
+    from llava_core.cli.main import main
     code = main(["info", str(broken[name])])
     assert_one_line_error(code, *capsys.readouterr(), fragments)
 
 
 def test_verbose_lists_the_whole_report(capsys, broken):
-    from llava_core.cli import main
+    from llava_core.cli.main import main
     assert main(["-v", "info", str(broken["mismatch"])]) == 1
     err = capsys.readouterr().err
     assert "multi_modal_projector.linear_1.bias (in model.safetensors): checkpoint [5]" in err
@@ -150,6 +150,6 @@ def test_usage_error_exits_2(results):
 
 
 def test_main_returns_exit_code_in_process(capsys, tmp_path):
-    from llava_core.cli import main
+    from llava_core.cli.main import main
     assert main(["info", str(tmp_path / "nothing_here")]) == 1
     assert capsys.readouterr().err.startswith("llava-core: error: ")

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from llava_core import cpu_kernels, llama
+from llava_core.model import cpu_kernels, layers, llama, quantize
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="no AVX2/FMA CPU or no compiler")
 
@@ -25,12 +25,12 @@ def test_matches_fp32_reference_to_bf16_rounding(shape):
 
 
 def test_linear_uses_it_for_bf16_decode_only(monkeypatch):
-    if llama.cpu_has_fast_bf16():
+    if layers.cpu_has_fast_bf16():
         pytest.skip("this CPU multiplies bf16 natively; torch's kernel is used")
     calls = []
     real = cpu_kernels.linear
     monkeypatch.setattr(cpu_kernels, "linear", lambda *a: calls.append(a[0].shape) or real(*a))
-    lin = llama.Linear(64, 32, bias=False).bfloat16()
+    lin = layers.Linear(64, 32, bias=False).bfloat16()
     x = torch.randn(1, 1, 64).bfloat16()
     with torch.inference_mode():
         y = lin(x)  # one token: the kernel
@@ -68,7 +68,7 @@ def test_gemv_of_several_weights_and_swiglu_match_torch(dtype):
 
 
 def _decoder(dtype, seed=0):
-    from llava_core.config import TextConfig
+    from llava_core.model.config import TextConfig
     cfg = TextConfig(vocab_size=300, hidden_size=128, intermediate_size=344, num_hidden_layers=3,
                      num_attention_heads=8, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
                      rms_norm_eps=1e-5, rope_theta=10000.0, rope_scaling=None, tie_word_embeddings=False,
@@ -82,7 +82,7 @@ def _decoder(dtype, seed=0):
 
 
 def _decode(dec, dtype, steps, kernels: bool, monkeypatch, padded: bool = False):
-    from llava_core.kv_cache import KVCache
+    from llava_core.model.kv_cache import KVCache
     with monkeypatch.context() as mp:
         if not kernels:  # torch's operations throughout
             mp.setattr(cpu_kernels, "available", lambda: False)
@@ -131,7 +131,7 @@ def test_decode_layers_runs_once_per_token_and_block_by_block_for_hooks(monkeypa
     assert calls == [1, 1, 1]  # block by block, so that the hook sees its block's output
     with torch.enable_grad():  # training: always torch's path
         calls.clear()
-        from llava_core.kv_cache import KVCache
+        from llava_core.model.kv_cache import KVCache
         cache = KVCache.for_model(dec.cfg, 1, 8, torch.float32, "cpu")
         dec(torch.randn(1, 1, 128), cache=cache)
         assert calls == []
@@ -140,7 +140,7 @@ def test_decode_layers_runs_once_per_token_and_block_by_block_for_hooks(monkeypa
 def test_decode_layers_block_by_block_gives_the_same_hidden_states(monkeypatch):
     """With hidden_states requested (probes), each block runs its own call; the last state and the
     cache equal those of one call for all blocks, bit for bit (the same sums in the same order)."""
-    from llava_core.kv_cache import KVCache
+    from llava_core.model.kv_cache import KVCache
     dec = _decoder(torch.bfloat16)
     x = _rand(torch.Generator().manual_seed(5), 2, 1, 128, dtype=torch.bfloat16)
     outs = []
@@ -173,10 +173,10 @@ def test_decode_layers_names_the_block_and_projection_at_fault():
 
 def test_int8_linear_rounds_within_half_a_step_and_the_kernel_matches_its_dequantised_product():
     g = torch.Generator().manual_seed(4)
-    lin = llama.Linear(75, 13, bias=False)
+    lin = layers.Linear(75, 13, bias=False)
     with torch.no_grad():
         lin.weight.copy_(_rand(g, 13, 75))
-    q = llama.Int8Linear.from_linear(lin)
+    q = quantize.Int8Linear.from_linear(lin)
     assert q.qweight.dtype == torch.int8 and q.qweight.abs().max() == 127
     deq = q.qweight.float() * q.scale[:, None]
     assert ((deq - lin.weight).abs() <= q.scale[:, None] / 2 + 1e-7).all()
@@ -190,8 +190,8 @@ def test_int8_linear_rounds_within_half_a_step_and_the_kernel_matches_its_dequan
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_int8_decode_layers_equals_the_torch_path(dtype, monkeypatch):
-    dec = llama.quantize_int8(_decoder(dtype))
-    assert all(b.decode_tensors() is not None and type(b.mlp.down_proj) is llama.Int8Linear for b in dec.layers)
+    dec = quantize.quantize_int8(_decoder(dtype))
+    assert all(b.decode_tensors() is not None and type(b.mlp.down_proj) is quantize.Int8Linear for b in dec.layers)
     fast = _decode(dec, dtype, 3, True, monkeypatch)
     plain = _decode(dec, dtype, 3, False, monkeypatch)  # Int8Linear's dequantised fp32 products
     for a, b in zip(fast, plain):
@@ -202,12 +202,12 @@ def test_int8_decode_layers_equals_the_torch_path(dtype, monkeypatch):
 def test_cli_int8_flag_quantises_the_decoder_only(tiny_ckpt):
     import argparse
 
-    from llava_core import cli
+    from llava_core.cli import main as cli
     args = argparse.Namespace(model=str(tiny_ckpt), device="cpu", dtype="float32", template=None, int8=True)
     model, _ = cli._load(args)
     lm = model.language_model
     kinds = {type(m) for b in lm.layers for m in (*b.self_attn.children(), *b.mlp.children())}
-    assert kinds == {llama.Int8Linear} and type(lm.lm_head) is llama.Int8Linear
+    assert kinds == {quantize.Int8Linear} and type(lm.lm_head) is quantize.Int8Linear
     assert lm.embed_tokens.weight.dtype == torch.float32  # the embedding is not quantised
 
 
@@ -215,7 +215,7 @@ def test_fp32_decode_uses_the_kernel_for_large_weights_only(monkeypatch):
     calls = []
     real = cpu_kernels.linear
     monkeypatch.setattr(cpu_kernels, "linear", lambda *a, **k: calls.append(a[1].shape) or real(*a, **k))
-    big, small = llama.Linear(1024, 4096, bias=False), llama.Linear(64, 32, bias=False)  # 16 MB; 8 KB
+    big, small = layers.Linear(1024, 4096, bias=False), layers.Linear(64, 32, bias=False)  # 16 MB; 8 KB
     x = torch.randn(1, 1, 1024)
     with torch.inference_mode():
         y = big(x)

@@ -7,10 +7,10 @@ differently, so logits are compared relative to their range (1%), not absolutely
 import pytest
 import torch
 
-from llava_core.chat import ChatSession
-from llava_core.generate import SamplingParams, generate_tokens
-from llava_core.loader import load_pretrained
-from llava_core.processor import LlavaProcessor
+from llava_core.runtime.chat import ChatSession
+from llava_core.runtime.decode import SamplingParams, generate_tokens
+from llava_core.checkpoints.loader import load_pretrained
+from llava_core.model.processor import LlavaProcessor
 from llava_core.testing import make_tiny_checkpoint
 
 from test_parity import max_diff, prompt_ids

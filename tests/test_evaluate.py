@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from llava_core import evaluate as ev
-from llava_core.assistant import generate
+from llava_core.eval import synthetic as ev
+from llava_core.runtime.generate import generate
 from llava_core.data import DataConfig, make_sample
-from llava_core.loader import load_pretrained
-from llava_core.processor import LlavaProcessor
+from llava_core.checkpoints.loader import load_pretrained
+from llava_core.model.processor import LlavaProcessor
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +157,7 @@ def test_answer_batch_is_assistant_generate_for_one_turn(tiny):
 
 
 def test_run_eval_command(tiny_ckpt, jsonl, tmp_path, capsys):
-    from llava_core.cli import add_eval_args
+    from llava_core.cli.main import add_eval_args
 
     parser = argparse.ArgumentParser()
     add_eval_args(parser)

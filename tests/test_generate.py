@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from llava_core.generate import (SamplingParams, TextStream, filter_top_k, filter_top_p,
+from llava_core.runtime.decode import (SamplingParams, TextStream, filter_top_k, filter_top_p,
                                  generate_tokens)
-from llava_core.loader import load_pretrained
+from llava_core.checkpoints.loader import load_pretrained
 
 from test_parity import prompt_ids
 
@@ -91,8 +91,8 @@ def test_cached_decode_equals_full_forward(ours):
 def test_fixed_shape_step_equals_the_eager_step(ours):
     """cuda_graph.static_step (full-length masked attention, slot as a tensor) gives the eager
     decode step's logits and cache contents, here on the CPU, for a left-padded batch."""
-    from llava_core.cuda_graph import static_step
-    from llava_core.generate import decode_one, prefill
+    from llava_core.runtime.cuda_graph import static_step
+    from llava_core.runtime.decode import decode_one, prefill
 
     cfg = ours.cfg
     a, b = prompt_ids(cfg, batch=1, n_text=6, seed=12)[0], prompt_ids(cfg, batch=1, n_text=14, seed=13)[0]

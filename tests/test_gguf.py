@@ -9,12 +9,12 @@ import torch
 
 gguf = pytest.importorskip("gguf")
 
-from llava_core.config import TextConfig  # noqa: E402
-from llava_core.gguf import (GGUFIntegrityError, SMOLLM2_GGUF, SMOLLM2_SHA256, load_gguf_decoder,  # noqa: E402
+from llava_core.model.config import TextConfig  # noqa: E402
+from llava_core.checkpoints.gguf import (GGUFIntegrityError, SMOLLM2_GGUF, SMOLLM2_SHA256, load_gguf_decoder,  # noqa: E402
                              load_gguf_tokenizer, smollm2_gguf, unpermute_rows)
-from llava_core.kv_cache import KVCache  # noqa: E402
-from llava_core.llama import LlamaDecoder  # noqa: E402
-from llava_core.loader import CheckpointError  # noqa: E402
+from llava_core.model.kv_cache import KVCache  # noqa: E402
+from llava_core.model.llama import LlamaDecoder  # noqa: E402
+from llava_core.checkpoints.loader import CheckpointError  # noqa: E402
 
 FP32_TOL = 1e-4
 PROMPT = ("In 1969, two astronauts walked on the Moon while a third orbited above; "

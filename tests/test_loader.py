@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from llava_core.config import ConfigError, LlavaConfig
-from llava_core.loader import CheckpointError, checkpoint_dtype, load_pretrained, map_key, qkv_rows
+from llava_core.model.config import ConfigError, LlavaConfig
+from llava_core.checkpoints.loader import CheckpointError, checkpoint_dtype, load_pretrained, map_key, qkv_rows
 from llava_core.testing import make_tiny_checkpoint
 
 # --- checkpoints shared by the session -------------------------------------------------------
@@ -407,7 +407,7 @@ def test_full_strategy_config_as_transformers_writes_it_is_accepted():
     from transformers import CLIPVisionConfig, LlamaConfig
     from transformers import LlavaConfig as HFLlavaConfig
 
-    from llava_core.config import LlavaConfig
+    from llava_core.model.config import LlavaConfig
 
     hf = HFLlavaConfig(vision_config=CLIPVisionConfig(image_size=336, patch_size=14),
                        text_config=LlamaConfig(), vision_feature_select_strategy="full")

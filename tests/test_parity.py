@@ -2,7 +2,7 @@
 
 import torch
 
-from llava_core.loader import load_pretrained
+from llava_core.checkpoints.loader import load_pretrained
 
 FP32_TOL = 1e-4
 

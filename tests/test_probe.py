@@ -12,10 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
-from llava_core.assistant import generate
-from llava_core.loader import load_pretrained
-from llava_core.processor import LlavaProcessor
-from llava_core.probe import (capture, format_lens, image_attention, image_box, image_positions, logit_lens,
+from llava_core.runtime.generate import generate
+from llava_core.checkpoints.loader import load_pretrained
+from llava_core.model.processor import LlavaProcessor
+from llava_core.research.probe import (capture, format_lens, image_attention, image_box, image_positions, logit_lens,
                               nearest_tokens, save_attention_png, save_lens_png)
 
 QUESTION = "What colour is it?"
@@ -296,7 +296,7 @@ def test_image_box_follows_the_processor(ours):
 
 
 def run(*args):
-    return subprocess.run([sys.executable, "-m", "llava_core.cli", *map(str, args)], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "llava_core.cli.main", *map(str, args)], capture_output=True,
                           text=True, timeout=180)
 
 
@@ -342,7 +342,7 @@ def test_probe_commands_bad_input_is_one_line(tiny_ckpt, image, tmp_path, args, 
 def test_image_attention_map_follows_a_pooling_projector(tiny_ckpt):
     """A token-reducing projector's grid (2x2 average pooling) gives a map a quarter the size;
     a resampler's tokens have no grid and are refused with a message naming the projector."""
-    from llava_core.ablate import processor_for, with_projector
+    from llava_core.research.ablate import processor_for, with_projector
 
     base = load_pretrained(tiny_ckpt)
     grid = base.cfg.vision.image_size // base.cfg.vision.patch_size

@@ -15,8 +15,8 @@ import pytest
 import torch
 from PIL import Image
 
-from llava_core.config import ConfigError
-from llava_core.processor import VICUNA_V1_SYSTEM, LlavaProcessor, ProcessorError
+from llava_core.model.config import ConfigError
+from llava_core.model.processor import VICUNA_V1_SYSTEM, LlavaProcessor, ProcessorError
 from llava_core.testing import CLIP_MEAN, CLIP_STD, make_tiny_checkpoint
 
 PIXEL_TOL = 1e-6

@@ -11,12 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
-from llava_core.config import ConfigError, LlavaConfig, ProjectorConfig, projector_tokens
-from llava_core.export import save_llava_hf
-from llava_core.llava import LlavaModel
-from llava_core.loader import load_pretrained
-from llava_core.processor import LlavaProcessor
-from llava_core.projector import PROJECTORS, build_projector
+from llava_core.model.config import ConfigError, LlavaConfig, ProjectorConfig, projector_tokens
+from llava_core.checkpoints.export import save_llava_hf
+from llava_core.model.llava import LlavaModel
+from llava_core.checkpoints.loader import load_pretrained
+from llava_core.model.processor import LlavaProcessor
+from llava_core.model.projector import PROJECTORS, build_projector
 from llava_core.testing import make_tiny_checkpoint
 
 # kind, config overrides -> tokens per image (16 patches, 4x4; vision 32-d, text 64-d)
@@ -108,7 +108,7 @@ def test_save_load_round_trip_and_processor(base, tmp_path, case):
 
 
 def test_every_family_is_covered():
-    from llava_core.config import parse_projector
+    from llava_core.model.config import parse_projector
     assert {parse_projector(kind)[0] for kind, _, _ in CASES.values()} == set(PROJECTORS)
 
 

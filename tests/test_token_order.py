@@ -4,9 +4,9 @@ else, and the model is left as it was."""
 import pytest
 import torch
 
-from llava_core.loader import load_pretrained
-from llava_core.processor import LlavaProcessor
-from llava_core.token_order import format_route, logit_gaps, position_route, reorder_grid, reordered, scenes
+from llava_core.checkpoints.loader import load_pretrained
+from llava_core.model.processor import LlavaProcessor
+from llava_core.research.token_order import format_route, logit_gaps, position_route, reorder_grid, reordered, scenes
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +82,7 @@ def test_position_route_reports_the_logit_gaps_it_measured(ours):
 def test_command_prints_and_writes_the_table(ours, tiny_ckpt, tmp_path, capsys):
     import json
 
-    from llava_core.token_order import main
+    from llava_core.research.token_order import main
 
     out = tmp_path / "route.json"
     assert main([str(tiny_ckpt), "--n", "4", "--out", str(out)]) == 0

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from llava_core.config import LlavaConfig, TextConfig, VisionConfig
-from llava_core.llama import cpu_has_fast_bf16
-from llava_core.llava import LlavaModel
-from llava_core.processor import ImageConfig, LlavaProcessor
+from llava_core.model.config import LlavaConfig, TextConfig, VisionConfig
+from llava_core.model.layers import cpu_has_fast_bf16
+from llava_core.model.llava import LlavaModel
+from llava_core.model.processor import ImageConfig, LlavaProcessor
 from llava_core.testing import LLAVA15_CHAT_TEMPLATE, make_tokenizer
 from llava_core.train import batches as batches_mod
 from llava_core.train.batches import IGNORE, answer_loss, encode_conversation
@@ -24,7 +24,7 @@ from llava_core.train.stage0_clip import (CaptionTokenizer, Stage0Config, TextTo
 from llava_core.train.stage1_align import Stage1Config, train_stage1
 from llava_core.train.stage2_instruct import (Stage2Config, add_lora, lora_config, lora_state, merge_lora,
                                               mix_at, train_stage2)
-from llava_core.vision import VisionTower
+from llava_core.model.vision import VisionTower
 
 VISION = VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                       image_size=64, patch_size=16)
@@ -187,7 +187,7 @@ def test_packed_turns_give_the_losses_of_separate_samples(processor):
 
 
 def test_segment_mask_positions():
-    from llava_core.llama import segment_mask
+    from llava_core.model.llama import segment_mask
 
     seg = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2, 0]])  # prefix 3, turn 1 (2 tokens), turn 2 (3), padding
     mask, pos = segment_mask(seg)
@@ -533,7 +533,7 @@ def test_resuming_a_loop_its_budget_stopped_takes_no_step(tmp_path):
 def test_linear_probe_is_seeded_and_leaves_the_callers_random_state_alone():
     """Three Adam steps on random labels: the result depends on the initial weights, which must
     come from the probe's seed, whatever the global state, and not consume that state."""
-    from llava_core.train.probe import fit_linear
+    from llava_core.train.tower_probe import fit_linear
 
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(64, 8, generator=g), torch.randint(0, 5, (64,), generator=g)

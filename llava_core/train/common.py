@@ -71,7 +71,7 @@ def resolve_autocast(name: str | None, device_type: str = "cpu") -> str | None:
     with AVX512-BF16 or AMX: a stage-2 step of the default model took 0.64x the fp32 time
     there) and None where it does not (on AVX2 alone torch's bf16 matmul ran at 1/6 of fp32's
     speed)."""
-    from ..llama import cpu_has_fast_bf16
+    from ..model.layers import cpu_has_fast_bf16
 
     if name == "auto":
         if device_type == "cuda":

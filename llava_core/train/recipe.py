@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import VisionConfig
+from ..model.config import VisionConfig
 from ..atomic import atomic_write_text
 from .common import LoopConfig, config_differences, resolve_autocast, setup_torch
 from .dist import Dist, check_device, init_distributed
@@ -184,18 +184,18 @@ def _finished(ckpt: Path) -> bool:
 
 
 def _build_default(recipe: Recipe):
-    from ..default_model import build_default_model
+    from ..default.build import build_default_model
     return build_default_model(recipe.vision, recipe.feature_layer, recipe.strategy, recipe.projector,
                                getattr(torch, recipe.dtype), seed=recipe.seed)
 
 
 def _default_processor(cfg):
-    from ..default_model import make_default_processor
+    from ..default.build import make_default_processor
     return make_default_processor(cfg)
 
 
 def _save_default(model, folder: Path, lora, lora_cfg, extra_files: dict) -> Path:
-    from ..parts import save_parts
+    from ..default.parts import save_parts
     return save_parts(model, folder, lora, lora_cfg, extra_files=extra_files)
 
 
@@ -278,7 +278,7 @@ def run_recipe(out_dir: str | Path, recipe: Recipe | None = None, stages=STAGES,
         lora = {k: v.cpu() for k, v in lora_state(model.language_model).items()}
         summary["stages"]["2"] = _stage_summary(train_dir / "stage2.jsonl", time.perf_counter() - t)
         if recipe.eval_samples and dist.main:
-            from ..evaluate import evaluate_synthetic
+            from ..eval.synthetic import evaluate_synthetic
             t = time.perf_counter()
             res = evaluate_synthetic(model, processor, splits=("validation",), n_per_split=recipe.eval_samples,
                                      seed=recipe.seed)
@@ -298,8 +298,8 @@ def _device_name(device: torch.device) -> str:
 
 
 def _probe(recipe: Recipe, visual: dict) -> dict:
-    from ..vision import VisionTower
-    from .probe import probe_tower
+    from ..model.vision import VisionTower
+    from .tower_probe import probe_tower
 
     t = time.perf_counter()
     tower = VisionTower(recipe.vision, [recipe.feature_layer], keep_cls=recipe.strategy == "full").eval()

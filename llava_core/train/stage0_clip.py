@@ -36,11 +36,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import VisionConfig
+from ..model.config import VisionConfig
 from ..data import COLOURS, SHAPES, DataConfig, make_sample
 from ..data.vocab import CELL_PHRASES, SIZES, TEXT_BACKGROUNDS
-from ..processor import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-from ..vision import VisionTower
+from ..model.processor import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from ..model.vision import VisionTower
 from .augment import augment_batch
 from .batches import images_to_tensor
 from .common import LoopConfig, setup_torch, train_loop, trainable_state

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .kv_cache import ContextOverflowError, KVCache
+from ..model.kv_cache import ContextOverflowError, KVCache
 
 
 class _SlotWriter:

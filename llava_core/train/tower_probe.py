@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from ..data import DataConfig, make_sample
-from ..processor import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-from ..vision import VisionTower
+from ..model.processor import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from ..model.vision import VisionTower
 from .batches import images_to_tensor
 from .stage0_clip import CELL_TARGETS, cell_pool_matrix, cell_targets
 

@@ -28,15 +28,15 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .config import ConfigError, LlavaConfig, TextConfig
-from .default_model import (CHAT_TEMPLATE, DECODER, IMAGE_TOKEN, default_text_config, default_tokenizer,
+from ..model.config import ConfigError, LlavaConfig, TextConfig
+from .build import (CHAT_TEMPLATE, DECODER, IMAGE_TOKEN, default_text_config, default_tokenizer,
                             extend_vocab, gguf_state, put_decoder)
-from .export import atomic_folder, hub_state_dict, llava_hf_config, write_json, write_llava_hf, write_safetensors
-from .gguf import SMOLLM2_FILE
-from .llava import LlavaModel
-from .loader import CheckpointError, map_key, qkv_rows
-from .lora import lora_deltas, lora_settings, normalize_lora_state
-from .processor import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from ..checkpoints.export import atomic_folder, hub_state_dict, llava_hf_config, write_json, write_llava_hf, write_safetensors
+from ..checkpoints.gguf import SMOLLM2_FILE
+from ..model.llava import LlavaModel
+from ..checkpoints.loader import CheckpointError, map_key, qkv_rows
+from ..checkpoints.lora import lora_deltas, lora_settings, normalize_lora_state
+from ..model.processor import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 log = logging.getLogger(__name__)
 

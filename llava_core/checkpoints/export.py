@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from .config import LlavaConfig
-from .llava import LlavaModel
+from ..model.config import LlavaConfig
+from ..model.llava import LlavaModel
 from .loader import qkv_rows
 
 log = logging.getLogger(__name__)

@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from .cli import PROG, _add_model_args, _add_sampling_args, _load, _sampling
+from .main import PROG, _add_model_args, _add_sampling_args, _load, _sampling
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
@@ -35,8 +35,8 @@ def add_caption(sub) -> None:
 def cmd_caption(args) -> int:
     from tqdm import tqdm
 
-    from .assistant import generate, task_prompt
-    from .processor import load_image
+    from ..runtime.generate import generate, task_prompt
+    from ..model.processor import load_image
 
     root = Path(args.folder)
     if not root.is_dir():

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from .atomic import atomic_path, atomic_write_text
+from ..atomic import atomic_path, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +69,8 @@ class AblationConfig:
 
 def with_projector(base, kind: str, seed: int):
     """A LlavaModel sharing `base`'s tower and decoder (frozen) with a fresh projector `kind`."""
-    from .llava import LlavaModel
-    from .projector import build_projector
+    from ..model.llava import LlavaModel
+    from ..model.projector import build_projector
 
     cfg = config_with(base.cfg, kind)
     with torch.device("meta"):
@@ -96,9 +96,9 @@ def processor_for(processor, cfg):
 
 def decode_speed(model, processor, new_tokens: int = 16, repeats: int = 3) -> tuple[float, float]:
     """(time to first token s, decode tok/s) for one test image and question, medians."""
-    from .data import DataConfig, make_sample
-    from .evaluate import sample_conversation
-    from .generate import SamplingParams, decode_loop, prefill
+    from ..data import DataConfig, make_sample
+    from ..eval.synthetic import sample_conversation
+    from ..runtime.decode import SamplingParams, decode_loop, prefill
 
     s = make_sample("test", 0, DataConfig(image_size=model.cfg.vision.image_size))
     conversation = sample_conversation(s)[:1]  # the first question, with the image
@@ -121,9 +121,9 @@ def decode_speed(model, processor, new_tokens: int = 16, repeats: int = 3) -> tu
 
 
 def run_one(base, processor, kind: str, seed: int, cfg: AblationConfig, run_dir: Path, resume: bool) -> dict:
-    from .evaluate import evaluate_synthetic
-    from .train.common import LoopConfig
-    from .train.stage1_align import Stage1Config, train_stage1
+    from ..eval.synthetic import evaluate_synthetic
+    from ..train.common import LoopConfig
+    from ..train.stage1_align import Stage1Config, train_stage1
 
     model = with_projector(base, kind, seed)
     proc = processor_for(processor, model.cfg)
@@ -131,13 +131,13 @@ def run_one(base, processor, kind: str, seed: int, cfg: AblationConfig, run_dir:
                       warmup=min(15, max(1, (cfg.steps or 60) // 4)), ckpt_every=50, progress=True)
     s1 = Stage1Config(batch_size=cfg.batch_size, lr=cfg.lr, seed=seed, loop=loop)
     if cfg.data == "instruct":
-        from .data import INSTRUCT_MIX
+        from ..data import INSTRUCT_MIX
         s1.mix = dict(INSTRUCT_MIX)
     t = time.perf_counter()
     result = train_stage1(run_dir, model, proc, s1, resume=resume, threads=cfg.threads)
     steps, final_loss = result.steps, _tail_loss(result.rows)
     if cfg.stage2:
-        from .train.stage2_instruct import Stage2Config, train_stage2
+        from ..train.stage2_instruct import Stage2Config, train_stage2
         model.language_model = copy.deepcopy(base.language_model)  # LoRA goes into a copy
         s2 = Stage2Config(batch_size=cfg.batch_size, seed=seed, loop=replace(loop))
         result = train_stage2(run_dir, model, proc, s2, resume=resume, threads=cfg.threads)
@@ -189,11 +189,11 @@ def write_rows(rows: list[dict], path: Path) -> None:
 
 def run_sweep(model_path: str, out_dir: str | Path, cfg: AblationConfig, resume: bool = False) -> list[dict]:
     """Train and score every (projector, seed); returns the CSV's rows."""
-    from .config import ConfigError
-    from .loader import load_pretrained
-    from .processor import LlavaProcessor
-    from .projector import build_projector
-    from .train.common import set_trainable
+    from ..model.config import ConfigError
+    from ..checkpoints.loader import load_pretrained
+    from ..model.processor import LlavaProcessor
+    from ..model.projector import build_projector
+    from ..train.common import set_trainable
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -225,7 +225,7 @@ def run_sweep(model_path: str, out_dir: str | Path, cfg: AblationConfig, resume:
 
 def _resolve(model_path: str) -> Path:
     if model_path == "default":
-        from .model_cache import resolve_model
+        from ..default.cache import resolve_model
         return resolve_model("default")
     folder = Path(model_path)
     if not (folder / "config.json").is_file():

@@ -8,7 +8,6 @@ The KV cache is owned by the caller (see kv_cache.py).
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -18,81 +17,8 @@ import torch.nn.functional as F
 from . import cpu_kernels
 from .config import TextConfig
 from .kv_cache import KVCache
-
-
-@functools.cache
-def cpu_has_fast_bf16() -> bool:
-    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX). Without it (AVX2 machines),
-    torch's bf16 matmul ran at 19 GFLOP/s here against 118 for fp32."""
-    flags = cpu_kernels.cpu_flags()
-    if flags is None:
-        return True  # not Linux: assume the vendor library is fast
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def slow_bf16(x: torch.Tensor) -> bool:
-    """Whether x is bf16 on a CPU that cannot multiply bf16 natively: there llava_core computes
-    in fp32 (many-token products, attention) or through cpu_kernels (decode's products)."""
-    return x.dtype == torch.bfloat16 and x.device.type == "cpu" and not cpu_has_fast_bf16()
-
-
-class Linear(nn.Linear):
-    """nn.Linear (same weights, same names), except on the CPU:
-    - bf16 on a CPU without native bf16: a product over many tokens runs in fp32 (the same
-      products, rounded to bf16 once at the end, about 6x faster for a prefill), and a few-token
-      one (decode) goes through cpu_kernels' AVX2 kernel, which streams the weights at memory speed;
-    - fp32 decode with a large weight (the lm_head): the same kernel read 1.5-1.8x the bytes per
-      second of torch's here (benchmarks/README.md); small fp32 weights keep torch's product."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if slow_bf16(x):
-            if x.shape[:-1].numel() >= 16:
-                bias = None if self.bias is None else self.bias.float()
-                return F.linear(x.float(), self.weight.float(), bias).to(x.dtype)
-            if self.weight.dtype == torch.bfloat16 and cpu_kernels.decode_product(x):
-                return cpu_kernels.linear(x, self.weight, self.bias)
-        elif x.dtype == torch.float32 and self.weight.numel() >= 1 << 22 and cpu_kernels.decode_product(x):
-            return cpu_kernels.linear(x, self.weight, self.bias)  # 16 MB and more: the lm_head
-        return F.linear(x, self.weight, self.bias)
-
-
-class Int8Linear(nn.Module):
-    """Weight-only int8 (optional, `quantize_int8`): weight ~ qweight * scale, one symmetric scale
-    per output row (absmax / 127). Decode's few-token products read the int8 weights through
-    cpu_kernels, half the bytes of bf16; other products use the weight dequantised to fp32."""
-
-    def __init__(self, qweight: torch.Tensor, scale: torch.Tensor):
-        super().__init__()
-        self.register_buffer("qweight", qweight)  # (N, K) int8
-        self.register_buffer("scale", scale)  # (N,) fp32
-        self.out_features, self.in_features = qweight.shape
-
-    @classmethod
-    def from_linear(cls, lin: nn.Linear) -> "Int8Linear":
-        if lin.bias is not None:
-            raise ValueError("Int8Linear: projections with a bias are not supported (the decoder has none)")
-        w = lin.weight.detach().float()  # (N, K)
-        scale = w.abs().amax(1).clamp(min=1e-12) / 127  # (N,)
-        return cls(torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8), scale)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if cpu_kernels.decode_product(x):
-            return cpu_kernels.linear(x, self.qweight, scale=self.scale)
-        w = self.qweight.float() * self.scale[:, None]  # (N, K) fp32
-        return F.linear(x.float(), w).to(x.dtype)
-
-
-def quantize_int8(decoder: "LlamaDecoder", lm_head: bool = True) -> "LlamaDecoder":
-    """Replace the decoder's projections (and the lm_head) by Int8Linear, in place. The embedding
-    and the norms keep their dtype; a tied lm_head gets its own int8 copy."""
-    for block in decoder.layers:
-        for parent in (block.self_attn, block.mlp):
-            for name, child in list(parent.named_children()):
-                if isinstance(child, nn.Linear):
-                    setattr(parent, name, Int8Linear.from_linear(child))
-    if lm_head:
-        decoder.lm_head = Int8Linear.from_linear(decoder.lm_head)
-    return decoder
+from .layers import Linear, slow_bf16
+from .quantize import Int8Linear
 
 
 class RMSNorm(nn.Module):

@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import ConfigError, TextConfig
-from .llama import LlamaDecoder, Rotary
+from ..model.config import ConfigError, TextConfig
+from ..model.llama import LlamaDecoder, Rotary
 from .loader import CheckpointError
 
 log = logging.getLogger(__name__)

@@ -26,8 +26,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .atomic import atomic_write_text
-from .generate import SamplingParams, generate_tokens
+from ..atomic import atomic_write_text
+from ..runtime.decode import SamplingParams, generate_tokens
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +130,7 @@ def summarize(rows: list[dict]) -> dict:
 
 
 def _qtype_order(qtype: str):
-    from .data import QTYPES
+    from ..data import QTYPES
 
     return (QTYPES.index(qtype) if qtype in QTYPES else len(QTYPES), qtype)
 
@@ -145,7 +145,7 @@ def evaluate_synthetic(model, processor, splits=("test", "heldout", "shifted"), 
     is appended to `predictions` if a list is given."""
     from dataclasses import replace
 
-    from .data import DataConfig, make_sample
+    from ..data import DataConfig, make_sample
 
     cfg = replace(data_config or DataConfig(image_size=model.cfg.vision.image_size), seed=seed)
     results = {}
@@ -215,7 +215,7 @@ def evaluate_jsonl(model, processor, path: str | Path, batch_size: int = 8, max_
                    predictions: list | None = None) -> dict:
     """VQAv2-style soft accuracy on a JSONL file (see read_jsonl) -> {file stem: {qtype: {"n", "acc"}, "overall"}}
     (qtype rows only when lines carry "question_type")."""
-    from .processor import load_image
+    from ..model.processor import load_image
 
     path = Path(path)
     items = read_jsonl(path)
@@ -295,9 +295,9 @@ def save_jsonl(rows: list[dict], path: str | Path) -> None:
 
 def run_eval(args: argparse.Namespace) -> dict:
     """The `eval` command: load, score, print the table, write --out / --predictions."""
-    from .model_cache import resolve_model
-    from .loader import load_pretrained
-    from .processor import LlavaProcessor
+    from ..default.cache import resolve_model
+    from ..checkpoints.loader import load_pretrained
+    from ..model.processor import LlavaProcessor
 
     folder = resolve_model(args.model)
     import torch

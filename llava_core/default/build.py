@@ -16,13 +16,13 @@ from pathlib import Path
 
 import torch
 
-from .config import ConfigError, LlavaConfig, ProjectorConfig, TextConfig, VisionConfig
-from .gguf import SMOLLM2_FILE, SMOLLM2_SHA256, load_gguf_decoder, load_gguf_tokenizer, smollm2_gguf
-from .llama import Rotary
-from .llava import LlavaModel
-from .processor import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageConfig, LlavaProcessor
-from .projector import build_projector
-from .vision import VisionTower
+from ..model.config import ConfigError, LlavaConfig, ProjectorConfig, TextConfig, VisionConfig
+from ..checkpoints.gguf import SMOLLM2_FILE, SMOLLM2_SHA256, load_gguf_decoder, load_gguf_tokenizer, smollm2_gguf
+from ..model.llama import Rotary
+from ..model.llava import LlavaModel
+from ..model.processor import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageConfig, LlavaProcessor
+from ..model.projector import build_projector
+from ..model.vision import VisionTower
 
 IMAGE_TOKEN = "<image>"
 IM_END = "<|im_end|>"
@@ -72,7 +72,7 @@ def default_tokenizer():
 @lru_cache(maxsize=1)
 def _smollm2_meta() -> tuple[TextConfig, int]:
     """(the GGUF's TextConfig, the id of <|im_end|>) from the file's metadata (~3 s, once)."""
-    from .gguf import _reader, text_config_from_gguf
+    from ..checkpoints.gguf import _reader, text_config_from_gguf
 
     path = smollm2_gguf()
     reader = _reader(path)

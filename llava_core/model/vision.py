@@ -15,7 +15,7 @@ import torch.nn as nn
 from open_clip.transformer import LayerNorm, QuickGELU, VisionTransformer
 
 from .config import VisionConfig
-from .llama import Linear
+from .layers import Linear
 
 
 class VisionTower(nn.Module):

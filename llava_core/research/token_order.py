@@ -12,7 +12,7 @@ decoder read the place; if it stays, the content.
 measures, for left/right and top/bottom questions about objects in the outer columns and rows
 of synthetic shape scenes, the next-token logit gap between the two answers under each reorder.
 
-    python -m llava_core.token_order default --n 30
+    python -m llava_core.research.token_order default --n 30
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def _first_token(tokenizer, word: str) -> int:
 def scenes(n: int, image_size: int, split: str = "test", seed: int = 0) -> list[tuple]:
     """(image, object) for the first n shape scenes of `split` holding an object outside the
     middle column and row (its first such object)."""
-    from .data import DataConfig, make_sample
+    from ..data import DataConfig, make_sample
 
     cfg = DataConfig(image_size=image_size, seed=seed)
     out, i = [], 0
@@ -97,7 +97,7 @@ def scenes(n: int, image_size: int, split: str = "test", seed: int = 0) -> list[
 def logit_gaps(model, processor, items: list[tuple]) -> dict:
     """{axis: [(true answer, logit(first) - logit(second))]}: one question per object and axis,
     the first wording of LR_QS / TB_QS, as one user turn (`processor.prompt`) ready for the answer."""
-    from .data.questions import LR_QS, TB_QS, _pair
+    from ..data.questions import LR_QS, TB_QS, _pair
 
     out = {}
     for (axis, first, second, key, first_value), template in zip(AXES, (LR_QS[0], TB_QS[0])):
@@ -144,12 +144,12 @@ def format_route(table: dict) -> str:
 
 
 def main(argv=None) -> int:
-    from .atomic import atomic_write_text
-    from .loader import load_pretrained
-    from .model_cache import resolve_model
-    from .processor import LlavaProcessor
+    from ..atomic import atomic_write_text
+    from ..checkpoints.loader import load_pretrained
+    from ..default.cache import resolve_model
+    from ..model.processor import LlavaProcessor
 
-    p = argparse.ArgumentParser(prog="python -m llava_core.token_order", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m llava_core.research.token_order", description=__doc__.split("\n\n")[0])
     p.add_argument("model", help="a llava-hf folder, a parts folder, or 'default'")
     p.add_argument("--n", type=int, default=30, help="shape scenes (each asked both questions per order)")
     p.add_argument("--split", default="test")

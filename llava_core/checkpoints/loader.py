@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .config import LlavaConfig
-from .llava import LlavaModel
+from ..model.config import LlavaConfig
+from ..model.llava import LlavaModel
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Iterator
 
 
-from .generate import SamplingParams, TextStream, find_stop, generate_tokens
+from .decode import SamplingParams, TextStream, find_stop, generate_tokens
 
 # Task prompts: {question} is the user's text; tasks without it take none.
 TASKS = {

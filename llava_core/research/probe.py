@@ -33,11 +33,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
-from .atomic import atomic_path
-from .generate import SamplingParams, generate_tokens
-from .llama import apply_rotary, build_mask
-from .llava import LlavaModel
-from .processor import load_image, resize_size
+from ..atomic import atomic_path
+from ..runtime.decode import SamplingParams, generate_tokens
+from ..model.llama import apply_rotary, build_mask
+from ..model.llava import LlavaModel
+from ..model.processor import load_image, resize_size
 
 # --- capture ---------------------------------------------------------------------------------------
 

@@ -47,7 +47,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import PROJECTORS, ConfigError, ProjectorConfig, grid_side, parse_projector, projector_tokens
-from .llama import Linear  # nn.Linear with the fp32 path for bf16 on CPUs without native bf16
+from .layers import Linear  # nn.Linear with the fp32 path for bf16 on CPUs without native bf16
 
 __all__ = ["PROJECTORS", "build_projector", "MLPProjector", "IdentityProjector", "AvgPoolProjector",
            "CAbstractor", "LDPProjector", "ResamplerProjector"]

@@ -23,10 +23,10 @@ import shutil
 from pathlib import Path
 
 from . import parts as pf
-from .config import LlavaConfig
-from .default_model import IMAGE_TOKEN
+from ..model.config import LlavaConfig
+from .build import IMAGE_TOKEN
 from .parts import ASSEMBLY_FORMAT, MARKER, parts_hash
-from .export import atomic_folder, write_json
+from ..checkpoints.export import atomic_folder, write_json
 
 log = logging.getLogger(__name__)
 

@@ -14,10 +14,10 @@ from typing import Iterator
 
 import torch
 
-from .generate import SamplingParams, TextStream, decode_loop, seen_tokens
-from .kv_cache import ContextOverflowError
-from .llava import LlavaModel
-from .processor import load_image
+from .decode import SamplingParams, TextStream, decode_loop, seen_tokens
+from ..model.kv_cache import ContextOverflowError
+from ..model.llava import LlavaModel
+from ..model.processor import load_image
 
 
 class ChatSession:

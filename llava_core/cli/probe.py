@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .cli import PROG, _add_model_args, _check_image, _load
+from .main import PROG, _add_model_args, _check_image, _load
 
 
 def add_commands(sub) -> None:
@@ -56,7 +56,7 @@ def cmd_attention(args) -> int:
         raise ValueError(f"--alpha {args.alpha}: must be in [0, 1]")
     image = _check_image(args.image)
     model, processor = _load(args)
-    from .probe import image_attention, save_attention_png
+    from ..research.probe import image_attention, save_attention_png
 
     result = image_attention(model, processor, image, args.question, layers=args.layers, heads=args.heads,
                              max_new_tokens=args.max_new_tokens)
@@ -86,7 +86,7 @@ def cmd_lens(args) -> int:
         raise ValueError(f"--top-k {args.top_k}: must be >= 1")
     image = _check_image(args.image)
     model, processor = _load(args)
-    from .probe import answer_prompt, format_lens, logit_lens, save_lens_png
+    from ..research.probe import answer_prompt, format_lens, logit_lens, save_lens_png
 
     run = answer_prompt(model, processor, image, args.question, max_new_tokens=args.max_new_tokens)
     lens = logit_lens(model, run.input_ids, run.pixel_values, run.choosing_positions, k=args.top_k)

@@ -12,8 +12,8 @@ import re
 
 import torch
 
-from .config import TextConfig
-from .llama import Block
+from ..model.config import TextConfig
+from ..model.llama import Block
 from .loader import CheckpointError
 
 _LORA_KEY = re.compile(r"^layers\.(\d+)\.(self_attn\.[qkvo]_proj|mlp\.(?:gate|up|down)_proj)\.lora_([AB])\.weight$")

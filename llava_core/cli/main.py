@@ -24,7 +24,7 @@ def _is_user_error(e: BaseException) -> bool:
     """Bad input rather than a bug: reported in one line without a traceback."""
     if isinstance(e, (OSError, ValueError)):  # ConfigError, ProcessorError, ... are ValueErrors
         return True
-    loader = sys.modules.get("llava_core.loader")  # only imported once a command loads weights
+    loader = sys.modules.get("llava_core.checkpoints.loader")  # only imported once a command loads weights
     return loader is not None and isinstance(e, loader.CheckpointError)
 
 
@@ -57,7 +57,7 @@ def add_info(sub) -> None:
 
 def describe(model, folder: Path) -> dict:
     """Components, parameter counts and the numbers a user of the checkpoint needs."""
-    from .loader import checkpoint_dtype
+    from ..checkpoints.loader import checkpoint_dtype
 
     cfg = model.cfg
 
@@ -116,9 +116,9 @@ def format_info(info: dict) -> str:
 
 def cmd_info(args) -> int:
     folder = _checkpoint_folder(args.path)
-    from .config import LlavaConfig
+    from ..model.config import LlavaConfig
     LlavaConfig.from_json(folder)  # config errors before the slow imports
-    from .loader import load_pretrained
+    from ..checkpoints.loader import load_pretrained
 
     model = load_pretrained(folder, dtype=_torch_dtype(args.dtype), device=args.device)
     info = describe(model, folder)
@@ -154,7 +154,7 @@ def _add_sampling_args(p, max_new_tokens: int = 256) -> None:
 
 
 def _sampling(args) -> dict:
-    from .generate import SamplingParams
+    from ..runtime.decode import SamplingParams
 
     s = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
              top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
@@ -181,33 +181,33 @@ def _load(args):
     """(model, processor) for the command's model argument ('default' or a folder)."""
     device = _device(args.device)
     folder = _resolve(args.model)
-    from .config import LlavaConfig
+    from ..model.config import LlavaConfig
     LlavaConfig.from_json(folder)  # config errors before the slow load
-    from .loader import load_pretrained
-    from .processor import LlavaProcessor
+    from ..checkpoints.loader import load_pretrained
+    from ..model.processor import LlavaProcessor
 
     processor = LlavaProcessor.from_pretrained(folder, template=args.template)
     model = load_pretrained(folder, dtype=_torch_dtype(args.dtype), device=device)
     if getattr(args, "int8", False):
-        from .llama import quantize_int8
+        from ..model.quantize import quantize_int8
         quantize_int8(model.language_model)
     return model, processor
 
 
 def _resolve(name: str) -> Path:
     if name == "default" or (Path(name) / "parts.safetensors").is_file():
-        from .model_cache import resolve_model
+        from ..default.cache import resolve_model
         return resolve_model(name)
     return _checkpoint_folder(name)
 
 
 def _check_image(path: str):
-    from .processor import load_image
+    from ..model.processor import load_image
     return load_image(path)
 
 
 def _question(args) -> str:
-    from .assistant import task_prompt
+    from ..runtime.generate import task_prompt
     return task_prompt(args.task, args.question)
 
 
@@ -230,7 +230,7 @@ def cmd_ask(args) -> int:
     sampling = _sampling(args)
     image = _check_image(args.image)
     model, processor = _load(args)
-    from .assistant import stream
+    from ..runtime.generate import stream
 
     for piece in stream(model, processor, question, image, **sampling):
         sys.stdout.write(piece)
@@ -259,8 +259,8 @@ def cmd_chat(args) -> int:
     sampling = _sampling(args)
     images = [_check_image(path) for path in args.images]
     model, processor = _load(args)
-    from .chat import ChatSession
-    from .kv_cache import ContextOverflowError
+    from ..runtime.chat import ChatSession
+    from ..model.kv_cache import ContextOverflowError
 
     chat = ChatSession(model, processor, images=images, max_context=args.max_context)
     interactive = sys.stdin.isatty()
@@ -344,7 +344,7 @@ def add_eval(sub) -> None:
 
 
 def cmd_eval(args) -> int:
-    from .evaluate import run_eval
+    from ..eval.synthetic import run_eval
     _device(args.device)
     run_eval(args)
     return 0
@@ -361,7 +361,7 @@ def add_export(sub) -> None:
 
 
 def cmd_export(args) -> int:
-    from .model_cache import export_model
+    from ..default.cache import export_model
     dst = export_model(args.model, args.dst, overwrite=args.overwrite)
     print(f"{PROG}: wrote {dst}", file=sys.stderr)
     return 0
@@ -393,14 +393,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_info(sub)
     add_ask(sub)
     add_chat(sub)
-    from .caption_cli import add_caption  # caption
+    from .caption import add_caption  # caption
     add_caption(sub)
     add_eval(sub)
     add_export(sub)
-    from .probe_cli import add_commands as add_probes  # attention, lens
+    from .probe import add_commands as add_probes  # attention, lens
     add_probes(sub)
     add_train(sub)
-    from .ablate import add_ablate_args  # ablate
+    from ..research.ablate import add_ablate_args  # ablate
     add_ablate_args(sub)
     return parser
 
@@ -409,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     head = next((i for i, a in enumerate(argv) if not a.startswith("-")), len(argv))
     if argv[head:head + 1] == ["train"]:  # the recipe parses its own options
-        from .train.recipe import main as train_main
+        from ..train.recipe import main as train_main
         return train_main(argv[head + 1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,

@@ -13,8 +13,8 @@ from typing import Iterator
 
 import torch
 
-from .kv_cache import KVCache
-from .llava import LlavaModel
+from ..model.kv_cache import KVCache
+from ..model.llava import LlavaModel
 
 
 @dataclass
