@@ -30,7 +30,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
 
     from llava_core.default.cache import resolve_model
-    from llava_core.eval.synthetic import evaluate_synthetic
+    from llava_core.eval import evaluate_synthetic
     from llava_core.model.quantize import quantize_int8
     from llava_core.checkpoints.loader import load_pretrained
     from llava_core.model.processor import LlavaProcessor

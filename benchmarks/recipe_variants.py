@@ -164,7 +164,7 @@ def table(args) -> None:
 def paired(args) -> None:
     """Question by question, B against A (captions left out, as in `overall`): how many B gets
     right that A gets wrong and the reverse, and the two-sided sign test's p on those."""
-    from llava_core.eval.synthetic import CAPTION_QTYPES
+    from llava_core.eval import CAPTION_QTYPES
     from llava_core.train.common import read_jsonl
 
     a, b = ({(r["split"], r["index"]): r for r in read_jsonl(f)} for f in (args.a, args.b))

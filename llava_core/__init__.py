@@ -16,7 +16,7 @@ The package is layered; each layer imports only the ones above it in this list:
     cli/          the `llava-core` command (nothing imports it)
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 _PUBLIC = {
     "load_pretrained": "checkpoints.loader",

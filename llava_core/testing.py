@@ -112,19 +112,12 @@ def make_tiny_checkpoint(folder: str | Path, *, seed: int = 0, dtype: torch.dtyp
 
 
 def write_processor_files(folder: Path, cfg) -> None:
-    """preprocessor_config.json, processor_config.json and chat_template.json as llava-hf ships them."""
-    size = cfg.vision_config.image_size
-    (folder / "preprocessor_config.json").write_text(json.dumps({
-        "image_processor_type": "CLIPImageProcessor", "processor_class": "LlavaProcessor",
-        "do_resize": True, "size": {"shortest_edge": size}, "resample": 3,
-        "do_center_crop": True, "crop_size": {"height": size, "width": size},
-        "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-        "image_mean": CLIP_MEAN, "image_std": CLIP_STD, "do_convert_rgb": True}, indent=2))
-    (folder / "processor_config.json").write_text(json.dumps({
-        "processor_class": "LlavaProcessor", "patch_size": cfg.vision_config.patch_size,
-        "vision_feature_select_strategy": cfg.vision_feature_select_strategy,
-        "num_additional_image_tokens": 1, "image_token": "<image>"}, indent=2))
-    (folder / "chat_template.json").write_text(json.dumps({"chat_template": LLAVA15_CHAT_TEMPLATE}))
+    """preprocessor_config.json, processor_config.json and chat_template.json as llava-hf ships
+    them, for a transformers LlavaConfig (export.write_processor_files reads ours)."""
+    from .checkpoints.export import write_processor_files as write
+    from .model.config import LlavaConfig
+
+    write(folder, LlavaConfig.from_hf_dict(cfg.to_dict()), "<image>", LLAVA15_CHAT_TEMPLATE)
 
 
 def to_hub_layout(folder: Path) -> None:

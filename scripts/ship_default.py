@@ -48,7 +48,7 @@ def measure_guard(weights: Path) -> dict:
     import torch
 
     from llava_core.default.cache import resolve_model
-    from llava_core.eval.synthetic import evaluate_synthetic
+    from llava_core.eval import evaluate_synthetic
     from llava_core.checkpoints.loader import load_pretrained
     from llava_core.model.processor import LlavaProcessor
 

@@ -202,9 +202,9 @@ def test_int8_decode_layers_equals_the_torch_path(dtype, monkeypatch):
 def test_cli_int8_flag_quantises_the_decoder_only(tiny_ckpt):
     import argparse
 
-    from llava_core.cli import main as cli
+    from llava_core.cli import common as cli
     args = argparse.Namespace(model=str(tiny_ckpt), device="cpu", dtype="float32", template=None, int8=True)
-    model, _ = cli._load(args)
+    model, _ = cli.load_model(args)
     lm = model.language_model
     kinds = {type(m) for b in lm.layers for m in (*b.self_attn.children(), *b.mlp.children())}
     assert kinds == {quantize.Int8Linear} and type(lm.lm_head) is quantize.Int8Linear

@@ -15,12 +15,14 @@ pytest.importorskip("gguf")
 peft = pytest.importorskip("peft")
 
 from llava_core.default import build as dm  # noqa: E402
+from llava_core.checkpoints import export  # noqa: E402
 from llava_core.checkpoints import lora  # noqa: E402
 from llava_core.default import cache as mc  # noqa: E402
 from llava_core.default import parts as pf  # noqa: E402
 from llava_core.runtime.generate import generate  # noqa: E402
 from llava_core.model.config import LlavaConfig, VisionConfig  # noqa: E402
-from llava_core.checkpoints.gguf import SMOLLM2_GGUF, SMOLLM2_SHA256, GGUFIntegrityError, load_gguf_decoder  # noqa: E402
+from llava_core.checkpoints.gguf import GGUFIntegrityError  # noqa: E402
+from llava_core.default.smollm2 import SMOLLM2_GGUF, SMOLLM2_SHA256, load_smollm2_decoder  # noqa: E402
 from llava_core.checkpoints.loader import load_pretrained  # noqa: E402
 from llava_core.model.processor import LlavaProcessor  # noqa: E402
 
@@ -47,7 +49,7 @@ TWO_TURNS = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "t
 
 @pytest.fixture(scope="module")
 def gguf():
-    return load_gguf_decoder()  # (decoder, TextConfig)
+    return load_smollm2_decoder()  # (decoder, TextConfig)
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +169,7 @@ def test_processor_config_gives_transformers_our_image_token_count(tokenizer, st
     from transformers import LlavaProcessor as HFLlavaProcessor
 
     cfg = dm.default_llava_config(SMALL, strategy=strategy)
-    pc = pf.processor_config(cfg)
+    pc = export.processor_config(cfg, dm.IMAGE_TOKEN)
     hf = HFLlavaProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 64},
                                                              crop_size={"height": 64, "width": 64}),
                           tokenizer=tokenizer, chat_template=dm.CHAT_TEMPLATE, patch_size=pc["patch_size"],

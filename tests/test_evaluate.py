@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from llava_core.eval import synthetic as ev
+from llava_core import eval as ev
+from llava_core.eval import synthetic
 from llava_core.runtime.generate import generate
 from llava_core.data import DataConfig, make_sample
 from llava_core.checkpoints.loader import load_pretrained
@@ -67,7 +68,7 @@ def test_token_f1():
 # --- JSONL ----------------------------------------------------------------------------------------
 
 def test_read_jsonl_resolves_paths_and_answer_forms(jsonl):
-    items = ev.read_jsonl(jsonl)
+    items = ev.read_questions(jsonl)
     assert [it["line"] for it in items] == [1, 2, 3]
     assert items[0]["image"] == jsonl.parent / "im0.png"
     assert items[1]["answers"] == ["2"] and items[2]["answers"] == ["yes"]
@@ -84,14 +85,14 @@ def test_read_jsonl_resolves_paths_and_answer_forms(jsonl):
 def test_bad_jsonl_line_is_named(jsonl, line, error, fragment):
     jsonl.write_text(jsonl.read_text().rstrip("\n") + "\n" + line + "\n")
     with pytest.raises(error) as info:
-        ev.read_jsonl(jsonl)
+        ev.read_questions(jsonl)
     assert f"{jsonl}:4" in str(info.value) and fragment in str(info.value)
 
 
 def test_empty_jsonl(tmp_path):
     (tmp_path / "e.jsonl").write_text("\n")
     with pytest.raises(ValueError, match="no questions"):
-        ev.read_jsonl(tmp_path / "e.jsonl")
+        ev.read_questions(tmp_path / "e.jsonl")
 
 
 # --- tables on a tiny checkpoint -----------------------------------------------------------------
@@ -110,7 +111,7 @@ def test_synthetic_table_adds_up_with_known_answers(tiny, monkeypatch, tmp_path)
         seen.extend(conversations)
         assert all(len(im) == 1 for im in images)
         return [next(fed) for _ in conversations]
-    monkeypatch.setattr(ev, "answer_batch", fake)
+    monkeypatch.setattr(synthetic, "answer_batch", fake)  # the name evaluate_synthetic calls
     results = ev.evaluate_synthetic(model, processor, splits, n_per_split=n, batch_size=5)
 
     assert [c[-1]["role"] for c in seen] == ["user"] * len(samples)
@@ -157,7 +158,7 @@ def test_answer_batch_is_assistant_generate_for_one_turn(tiny):
 
 
 def test_run_eval_command(tiny_ckpt, jsonl, tmp_path, capsys):
-    from llava_core.cli.main import add_eval_args
+    from llava_core.cli.eval import add_eval_args, run_eval
 
     parser = argparse.ArgumentParser()
     add_eval_args(parser)
@@ -166,7 +167,7 @@ def test_run_eval_command(tiny_ckpt, jsonl, tmp_path, capsys):
     args = parser.parse_args([str(tiny_ckpt), "--jsonl", str(jsonl), "--max-new-tokens", "2",
                               "--out", str(tmp_path / "out" / "results.json"),
                               "--predictions", str(tmp_path / "preds.jsonl")])
-    results = ev.run_eval(args)
+    results = run_eval(args)
     assert json.loads((tmp_path / "out" / "results.json").read_text()) == results
     assert len((tmp_path / "preds.jsonl").read_text().splitlines()) == 3
     assert "| **overall** |" in capsys.readouterr().out

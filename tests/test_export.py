@@ -1,5 +1,5 @@
 """export.save_llava_hf: our model -> a llava-hf hub-layout folder that we and transformers load
-back to the same parameters and logits; the reverse key table is the loader's KEY_RULES inverted."""
+back to the same parameters and logits; both directions read keymap's one table."""
 
 import dataclasses
 import json
@@ -10,9 +10,10 @@ from safetensors.torch import load_file
 
 from llava_core.checkpoints import export
 from llava_core.model.config import LlavaConfig, ProjectorConfig, TextConfig, VisionConfig
-from llava_core.checkpoints.export import hub_names, parse_size, save_llava_hf
+from llava_core.checkpoints.export import parse_size, save_llava_hf
+from llava_core.checkpoints.keymap import hub_names, map_key
 from llava_core.model.llava import LlavaModel
-from llava_core.checkpoints.loader import load_pretrained, map_key
+from llava_core.checkpoints.loader import load_pretrained
 from llava_core.testing import make_tiny_checkpoint
 
 FP32_TOL = 1e-4

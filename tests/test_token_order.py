@@ -82,10 +82,10 @@ def test_position_route_reports_the_logit_gaps_it_measured(ours):
 def test_command_prints_and_writes_the_table(ours, tiny_ckpt, tmp_path, capsys):
     import json
 
-    from llava_core.research.token_order import main
+    from llava_core.cli.main import main
 
     out = tmp_path / "route.json"
-    assert main([str(tiny_ckpt), "--n", "4", "--out", str(out)]) == 0
+    assert main(["token-order", str(tiny_ckpt), "--n", "4", "--out", str(out)]) == 0
     table = json.loads(out.read_text())
     assert set(table) == {"none", "rows_reversed", "cols_reversed", "transposed"}
     model, processor = ours

@@ -447,22 +447,23 @@ def test_init_distributed_names_a_device_it_cannot_train_on():
 def test_train_command_seed_reaches_every_stage(tmp_path, monkeypatch):
     """--seed 3 used to set the recipe's seed alone: stage 0's tower and every stage's data
     kept seed 0, so a "seed 3" run repeated seed 0's stage 0 exactly."""
+    from llava_core.cli import train as train_cli
     from llava_core.train import recipe as recipe_mod
 
     seen = {}
     monkeypatch.setattr(recipe_mod, "run_recipe", lambda out, r, **kw: seen.update(recipe=r) or {"elapsed_s": 0})
-    recipe_mod.main(["--out", str(tmp_path), "--seed", "3"])
+    train_cli.main(["--out", str(tmp_path), "--seed", "3"])
     r = seen["recipe"]
     assert r.seed == 3 and [c.seed for c in r.stage_configs().values()] == [3, 3, 3]
     with pytest.raises(ValueError, match="seed"):  # a replay repeats the recorded seeds
-        recipe_mod.main(["--out", str(tmp_path), "--seed", "3", "--replay",
+        train_cli.main(["--out", str(tmp_path), "--seed", "3", "--replay",
                         str(Path(__file__).parents[1] / "weights" / "training.json")])
 
 
 @pytest.mark.parametrize("args, message", [(["--device", "tpu"], "--device: device 'tpu'"),
                                            (["--workers", "-1"], "--workers -1: expected 0")])
 def test_train_command_refuses_a_bad_device_or_worker_count_in_one_line(tmp_path, capsys, args, message):
-    from llava_core.train.recipe import main
+    from llava_core.cli.train import main
 
     with pytest.raises(SystemExit) as exit_:
         main(["--out", str(tmp_path / "run"), *args])

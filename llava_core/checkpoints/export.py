@@ -1,11 +1,10 @@
 """LlavaModel -> a llava-hf checkpoint folder, in the transformers-4.x hub layout.
 
-The inverse of loader.py: `EXPORT_RULES` rewrites each of our parameter names to the hub
-name it was read from (`language_model.model.*`, `language_model.lm_head.weight`,
+The inverse of loader.py, read from the same table (keymap.py): `hub_names` gives each of our
+parameters the hub name it is loaded from (`language_model.model.*`, `language_model.lm_head.weight`,
 `vision_tower.vision_model.*` with HF CLIP names, `multi_modal_projector.*`), and open_clip's
 packed `in_proj` is split back into CLIP's q, k and v (`qkv_rows`, the loader's own view).
-`map_key(hub_name(k)) == k` for every parameter is checked by the tests, so the two tables
-cannot drift apart. config.json is generated from our config dataclasses.
+config.json is generated from our config dataclasses.
 
 Every folder is written into a temp folder beside the target and renamed into place
 (`atomic_folder`), so a crash never leaves a half-written checkpoint under the target's name.
@@ -15,53 +14,17 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import shutil
-import tempfile
-import uuid
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
+from ..atomic import atomic_folder, write_json
 from ..model.config import LlavaConfig
 from ..model.llava import LlavaModel
-from .loader import qkv_rows
+from .keymap import hub_names, qkv_rows
 
 log = logging.getLogger(__name__)
-
-# Our parameter name -> hub name; every rule that matches applies, in order (as KEY_RULES).
-# `{qkv}` marks a packed in_proj that becomes three hub tensors, q, k and v.
-EXPORT_RULES: list[tuple[str, str]] = [
-    (r"^language_model\.(?!lm_head\.)", "language_model.model."),  # lm_head stays language_model.lm_head
-    (r"^projector\.", "multi_modal_projector."),
-    # open_clip VisionTransformer -> HF CLIPVisionTransformer
-    (r"^vision_tower\.visual\.conv1\.", "vision_tower.vision_model.embeddings.patch_embedding."),
-    (r"^vision_tower\.visual\.class_embedding$", "vision_tower.vision_model.embeddings.class_embedding"),
-    (r"^vision_tower\.visual\.positional_embedding$",
-     "vision_tower.vision_model.embeddings.position_embedding.weight"),
-    (r"^vision_tower\.visual\.ln_pre\.", "vision_tower.vision_model.pre_layrnorm."),
-    (r"^vision_tower\.visual\.ln_post\.", "vision_tower.vision_model.post_layernorm."),
-    (r"^vision_tower\.visual\.transformer\.resblocks\.(\d+)\.", r"vision_tower.vision_model.encoder.layers.\1."),
-    (r"(encoder\.layers\.\d+)\.ln_1\.", r"\1.layer_norm1."),
-    (r"(encoder\.layers\.\d+)\.ln_2\.", r"\1.layer_norm2."),
-    (r"(encoder\.layers\.\d+)\.mlp\.c_fc\.", r"\1.mlp.fc1."),
-    (r"(encoder\.layers\.\d+)\.mlp\.c_proj\.", r"\1.mlp.fc2."),
-    (r"(encoder\.layers\.\d+)\.attn\.out_proj\.", r"\1.self_attn.out_proj."),
-    (r"(encoder\.layers\.\d+)\.attn\.in_proj_(weight|bias)$", r"\1.self_attn.{qkv}_proj.\2"),
-]
-_COMPILED = [(re.compile(p), r) for p, r in EXPORT_RULES]
-
-
-def hub_names(name: str) -> list[tuple[str, str | None]]:
-    """Our parameter name -> [(hub key, None)], or three (hub key, 'q'|'k'|'v') for a packed in_proj."""
-    for pattern, repl in _COMPILED:
-        name = pattern.sub(repl, name)
-    if "{qkv}" in name:
-        return [(name.replace("{qkv}", p), p) for p in "qkv"]
-    return [(name, None)]
-
 
 def hub_state_dict(model: LlavaModel, dtype: torch.dtype | None = None, prefixes: tuple[str, ...] = ("",)
                    ) -> dict[str, torch.Tensor]:
@@ -168,10 +131,6 @@ def write_safetensors(tensors: dict[str, torch.Tensor], folder: Path, shard_size
     return paths
 
 
-def write_json(path: Path, obj) -> None:
-    path.write_text(json.dumps(obj, indent=2) + "\n")
-
-
 def write_llava_hf(model: LlavaModel, folder: Path, dtype: torch.dtype | None = None,
                    shard_size: int | str | None = None) -> None:
     """Weights, config.json and generation_config.json into an existing folder (not atomic:
@@ -199,46 +158,52 @@ def save_llava_hf(model: LlavaModel, folder: str | Path, dtype: torch.dtype | No
 
 # --- atomic folders -----------------------------------------------------------------------
 
-def _replaceable(folder: Path) -> bool:
-    """An existing folder we may replace: empty, or a checkpoint (it has config.json)."""
-    return not any(folder.iterdir()) or (folder / "config.json").is_file()
+
+def processor_config(cfg: LlavaConfig, image_token: str = "<image>") -> dict:
+    """processor_config.json as transformers' LlavaProcessor reads it. transformers counts
+    (H/p)*(W/p) + num_additional_image_tokens, minus 1 for "default": the CLS token is the one
+    additional token, whichever the strategy."""
+    return {"processor_class": "LlavaProcessor", "patch_size": cfg.vision.patch_size,
+            "vision_feature_select_strategy": cfg.vision_feature_select_strategy,
+            "num_additional_image_tokens": 1, "image_token": image_token}
 
 
-@contextmanager
-def atomic_folder(target: str | Path, overwrite: bool = True):
-    """Yield a fresh temp folder beside `target`; on success rename it to `target`.
+def write_processor_files(folder: Path, cfg: LlavaConfig, image_token: str = "<image>",
+                          chat_template: str | None = None) -> None:
+    """preprocessor_config.json (a CLIPImageProcessor at the tower's size, OpenAI CLIP's mean and
+    std), processor_config.json and, if given, chat_template.json, as llava-hf ships them."""
+    from ..model.processor import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-    An existing `target` is moved aside first and deleted after the rename (only if it is
-    empty or a checkpoint folder, and overwrite=True); on an error the temp folder is removed
-    and `target` is untouched."""
-    target = Path(target)
-    if target.exists() and not target.is_dir():
-        raise FileExistsError(f"{target}: exists and is not a folder")
-    if target.is_dir() and any(target.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"{target}: the folder exists and is not empty (pass overwrite)")
-        if not _replaceable(target):
-            raise FileExistsError(f"{target}: the folder holds files but no config.json; refusing to "
-                                  "replace what does not look like a checkpoint")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    size = cfg.vision.image_size
+    write_json(folder / "preprocessor_config.json", {
+        "image_processor_type": "CLIPImageProcessor", "processor_class": "LlavaProcessor",
+        "do_resize": True, "size": {"shortest_edge": size}, "resample": 3,
+        "do_center_crop": True, "crop_size": {"height": size, "width": size},
+        "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+        "image_mean": list(OPENAI_CLIP_MEAN), "image_std": list(OPENAI_CLIP_STD), "do_convert_rgb": True})
+    write_json(folder / "processor_config.json", processor_config(cfg, image_token))
+    if chat_template is not None:
+        write_json(folder / "chat_template.json", {"chat_template": chat_template})
+
+
+def complete_processor_files(folder: Path) -> None:
+    """Fill in what transformers' LlavaProcessor needs and a checkpoint may lack: processor_config.json's
+    patch_size, num_additional_image_tokens, strategy and image token; a CLIP preprocessor_config.json."""
+    cfg = LlavaConfig.from_json(folder / "config.json")
+    token = _token_string(folder, cfg.image_token_index) or "<image>"
+    if not (folder / "preprocessor_config.json").is_file():
+        write_processor_files(folder, cfg, token)
+    path = folder / "processor_config.json"
+    proc = json.loads(path.read_text()) if path.is_file() else {}
+    for key, value in processor_config(cfg, token).items():
+        proc.setdefault(key, value)
+    write_json(path, proc)
+
+
+def _token_string(folder: Path, token_id: int) -> str | None:
+    """The added token with this id in tokenizer.json, if any."""
     try:
-        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
-        yield tmp
-        _publish(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _publish(tmp: Path, target: Path) -> None:
-    """Rename tmp to target, moving an existing target aside first."""
-    for f in tmp.rglob("*"):  # safetensors and mkdtemp create owner-only files
-        os.chmod(f, 0o755 if f.is_dir() else 0o644)
-    old = None
-    if target.exists():
-        old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-        os.rename(target, old)
-    os.rename(tmp, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        added = json.loads((folder / "tokenizer.json").read_text()).get("added_tokens", [])
+    except (OSError, json.JSONDecodeError):
+        return None
+    return next((t["content"] for t in added if t.get("id") == token_id), None)

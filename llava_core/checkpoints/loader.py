@@ -1,15 +1,9 @@
-"""llava-hf checkpoint -> LlavaModel: strict, streamed, with one table of key rules.
+"""llava-hf checkpoint -> LlavaModel: strict and streamed.
 
-Three layouts reach us:
-  (a) hub files written by transformers 4.x: `language_model.model.*`, `language_model.lm_head.*`,
-      `vision_tower.vision_model.*` (HF CLIP spelling, `pre_layrnorm`), `multi_modal_projector.*`;
-  (b) transformers 5 `save_pretrained`: as (a) but `vision_tower.*` without `vision_model`;
-  (c) transformers 5 in-memory names: `model.language_model.*`, `model.vision_tower.*`,
-      `model.multi_modal_projector.*`, `lm_head.*`.
-KEY_RULES rewrites each checkpoint key in order; every rule that matches applies, and a
-rule with replacement None drops the key. HF CLIP stores q, k and v separately while
-open_clip packs them into one `in_proj`; those keys are tagged `[q]`, `[k]`, `[v]` by the
-table and read straight into their rows of the packed tensor (`qkv_rows`).
+Any of the three llava-hf layouts (hub 4.x files, transformers 5 saves, in-memory names) loads;
+keymap.py's one table maps each checkpoint key to a parameter name; HF CLIP's separate q, k
+and v come back tagged `[q]`, `[k]`, `[v]` and are read straight into their rows of
+open_clip's packed `in_proj` (`qkv_rows`).
 
 Every name and shape is checked before any tensor data is read. Each tensor is then read
 from the file into memory the model owns, converting dtype a bounded chunk at a time, so
@@ -31,55 +25,11 @@ from safetensors import SafetensorError, safe_open
 
 from ..model.config import LlavaConfig
 from ..model.llava import LlavaModel
+from .keymap import map_key, qkv_rows
 
 log = logging.getLogger(__name__)
 
-KEY_RULES: list[tuple[str, str | None]] = [
-    # layouts -> one naming (the model's own module tree)
-    (r"^model\.language_model\.", "language_model."),  # (c)
-    (r"^language_model\.model\.", "language_model."),  # (a), (b)
-    (r"^lm_head\.", "language_model.lm_head."),  # (c); (a)/(b) already say language_model.lm_head.
-    (r"^model\.vision_tower\.", "vision_tower."),  # (c)
-    (r"^vision_tower\.vision_model\.", "vision_tower."),  # (a)
-    (r"^(model\.)?multi_modal_projector\.", "projector."),  # all
-    (r"\.rotary_emb\.inv_freq$", None),  # a buffer some old files carry; recomputed from the config
-    # HF CLIPVisionTransformer -> open_clip VisionTransformer
-    (r"^vision_tower\.embeddings\.position_ids$", None),  # an index buffer, not a weight
-    (r"^vision_tower\.embeddings\.patch_embedding\.", "vision_tower.visual.conv1."),
-    (r"^vision_tower\.embeddings\.class_embedding$", "vision_tower.visual.class_embedding"),
-    (r"^vision_tower\.embeddings\.position_embedding\.weight$", "vision_tower.visual.positional_embedding"),
-    (r"^vision_tower\.pre_layrnorm\.", "vision_tower.visual.ln_pre."),
-    (r"^vision_tower\.post_layernorm\.", "vision_tower.visual.ln_post."),
-    (r"^vision_tower\.encoder\.layers\.(\d+)\.", r"vision_tower.visual.transformer.resblocks.\1."),
-    (r"(resblocks\.\d+)\.layer_norm1\.", r"\1.ln_1."),
-    (r"(resblocks\.\d+)\.layer_norm2\.", r"\1.ln_2."),
-    (r"(resblocks\.\d+)\.mlp\.fc1\.", r"\1.mlp.c_fc."),
-    (r"(resblocks\.\d+)\.mlp\.fc2\.", r"\1.mlp.c_proj."),
-    (r"(resblocks\.\d+)\.self_attn\.out_proj\.", r"\1.attn.out_proj."),
-    (r"(resblocks\.\d+)\.self_attn\.([qkv])_proj\.(weight|bias)$", r"\1.attn.in_proj_\3[\2]"),  # qkv_rows
-]
-_COMPILED = [(re.compile(p), r) for p, r in KEY_RULES]
-
-
-def map_key(key: str) -> str | None:
-    """A checkpoint key -> the model's parameter name (None: dropped)."""
-    for pattern, repl in _COMPILED:
-        if pattern.search(key):
-            if repl is None:
-                return None
-            key = pattern.sub(repl, key)
-    return key
-
-
-_QKV = re.compile(r"^(.*)\[([qkv])\]$")
-
-
-def qkv_rows(packed: torch.Tensor, part: str) -> torch.Tensor:
-    """The rows of open_clip's packed in_proj (3D, ...) = cat(q, k, v) on dim 0 that hold HF CLIP's
-    q, k or v: a view to read that tensor into."""
-    d = packed.shape[0] // 3
-    i = "qkv".index(part)
-    return packed[i * d:(i + 1) * d]  # (D, D) or (D,)
+_QKV = re.compile(r"^(.*)\[([qkv])\]$")  # a name keymap tags for qkv_rows
 
 
 class CheckpointError(ValueError):

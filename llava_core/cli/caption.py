@@ -1,8 +1,8 @@
 """`llava-core caption`: caption a folder of images into a JSONL file, in batches, resumably.
 
-Registered by cli.build_parser; the same shapes as the other subcommands (`add_caption` /
+Registered by cli/main.py's build_parser; the same shapes as the other subcommands (`add_caption` /
 `cmd_caption(args) -> exit code`, heavy imports inside the command, bad input raised as
-OSError / ValueError for cli.main to print as one line). Each record is appended with one
+OSError / ValueError for cli/main.py to print as one line). Each record is appended with one
 write and fsynced, so a crash leaves at most a torn last line, which the next run cuts off.
 """
 
@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from .main import PROG, _add_model_args, _add_sampling_args, _load, _sampling
+from .common import PROG, add_model_args, add_sampling_args, load_model, sampling_options
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
@@ -23,12 +23,12 @@ def add_caption(sub) -> None:
                        description="Caption a folder of images in batches. Images already in --out are "
                                    "skipped, so an interrupted run continues where it stopped; each record "
                                    "is written whole; unreadable images are reported and skipped.")
-    _add_model_args(p, image=None)
+    add_model_args(p, image=None)
     p.add_argument("folder", help="folder of images (searched recursively)")
     p.add_argument("--out", required=True, help="output JSONL: one {image, caption} per line")
     p.add_argument("--task", choices=("caption", "detailed_caption", "ocr"), default="caption")
     p.add_argument("--batch-size", type=int, default=4)
-    _add_sampling_args(p, max_new_tokens=64)
+    add_sampling_args(p, max_new_tokens=64)
     p.set_defaults(run=cmd_caption)
 
 
@@ -43,7 +43,7 @@ def cmd_caption(args) -> int:
         raise FileNotFoundError(f"{root}: no such folder of images")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size {args.batch_size}: must be >= 1")
-    sampling = _sampling(args)
+    sampling = sampling_options(args)
     out = Path(args.out)
     done = read_done(out)
     todo = [p for p in sorted(root.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES
@@ -51,7 +51,7 @@ def cmd_caption(args) -> int:
     if not todo:
         print(f"{PROG}: nothing to do: {len(done)} images already in {out}", file=sys.stderr)
         return 0
-    model, processor = _load(args)
+    model, processor = load_model(args)
     prompt = task_prompt(args.task)
     skipped = 0
     with tqdm(total=len(todo), desc="captioning", unit="img") as bar:

@@ -1,8 +1,8 @@
-"""`llava-core attention` and `llava-core lens`: the probes of probe.py from the command line.
+"""`llava-core attention` and `llava-core lens`: the probes of research/probe.py from the command line.
 
-Registered by cli.build_parser through `add_commands`; same shapes as the other subcommands
+Registered by cli/main.py's build_parser through `add_commands`; same shapes as the other subcommands
 (`add_<name>` / `cmd_<name>(args) -> exit code`, heavy imports inside the commands, bad input
-raised as OSError / ValueError for cli.main to print as one line).
+raised as OSError / ValueError for cli/main.py to print as one line).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .main import PROG, _add_model_args, _check_image, _load
+from .common import PROG, add_model_args, check_image, load_model
 
 
 def add_commands(sub) -> None:
@@ -19,7 +19,7 @@ def add_commands(sub) -> None:
 
 
 def _add_probe_args(p, max_new_tokens: int) -> None:
-    _add_model_args(p)
+    add_model_args(p)
     p.add_argument("question", help="the question about the image")
     p.add_argument("--max-new-tokens", type=int, default=max_new_tokens,
                    help=f"length of the greedy answer probed (default: {max_new_tokens})")
@@ -54,9 +54,10 @@ def cmd_attention(args) -> int:
     _check_common(args)
     if not 0.0 <= args.alpha <= 1.0:
         raise ValueError(f"--alpha {args.alpha}: must be in [0, 1]")
-    image = _check_image(args.image)
-    model, processor = _load(args)
-    from ..research.probe import image_attention, save_attention_png
+    image = check_image(args.image)
+    model, processor = load_model(args)
+    from ..research.drawing import save_attention_png
+    from ..research.probe import image_attention
 
     result = image_attention(model, processor, image, args.question, layers=args.layers, heads=args.heads,
                              max_new_tokens=args.max_new_tokens)
@@ -84,9 +85,10 @@ def cmd_lens(args) -> int:
     _check_common(args)
     if args.top_k < 1:
         raise ValueError(f"--top-k {args.top_k}: must be >= 1")
-    image = _check_image(args.image)
-    model, processor = _load(args)
-    from ..research.probe import answer_prompt, format_lens, logit_lens, save_lens_png
+    image = check_image(args.image)
+    model, processor = load_model(args)
+    from ..research.drawing import format_lens, save_lens_png
+    from ..research.probe import answer_prompt, logit_lens
 
     run = answer_prompt(model, processor, image, args.question, max_new_tokens=args.max_new_tokens)
     lens = logit_lens(model, run.input_ids, run.pixel_values, run.choosing_positions, k=args.top_k)

@@ -63,7 +63,8 @@ def _pick(rng: random.Random, objects: list[dict], ctx: Ask, ok=lambda o: True) 
     return rng.choice(focus or pool) if pool else None
 
 
-def _pair(o: dict) -> str:
+def colour_shape(o: dict) -> str:
+    """"red circle": how the questions name an object."""
     return f"{o['colour']} {o['shape']}"
 
 
@@ -109,7 +110,7 @@ def ask_count(rng, objects, ctx):
 
 def ask_size(rng, objects, ctx):
     o = _pick(rng, objects, ctx)
-    return rng.choice(SIZE_QS).format(obj=_pair(o)), o["size"], "size"
+    return rng.choice(SIZE_QS).format(obj=colour_shape(o)), o["size"], "size"
 
 
 def ask_position(rng, objects, ctx):
@@ -117,10 +118,10 @@ def ask_position(rng, objects, ctx):
     forms = ["where"] + (["lr"] if o["col"] != 1 else []) + (["tb"] if o["row"] != 1 else [])
     form = rng.choice(forms)
     if form == "lr":
-        return rng.choice(LR_QS).format(obj=_pair(o)), "left" if o["col"] == 0 else "right", "position_lr"
+        return rng.choice(LR_QS).format(obj=colour_shape(o)), "left" if o["col"] == 0 else "right", "position_lr"
     if form == "tb":
-        return rng.choice(TB_QS).format(obj=_pair(o)), "top" if o["row"] == 0 else "bottom", "position_tb"
-    return rng.choice(WHERE_QS).format(obj=_pair(o)), o["position"], "position_where"
+        return rng.choice(TB_QS).format(obj=colour_shape(o)), "top" if o["row"] == 0 else "bottom", "position_tb"
+    return rng.choice(WHERE_QS).format(obj=colour_shape(o)), o["position"], "position_where"
 
 
 def relation_target(objects: list[dict], ref: dict, rel: str) -> dict | None:
@@ -139,8 +140,8 @@ def ask_relation(rng, objects, ctx):
         return None
     focus = [x for x in options if (x[2]["colour"], x[2]["shape"]) in ctx.focus]
     ref, rel, target = rng.choice(focus or options)
-    q = rng.choice(RELATION_QS).format(rel=RELATIONS[rel][0], obj=_pair(ref))
-    return q, _pair(target), "relation"
+    q = rng.choice(RELATION_QS).format(rel=RELATIONS[rel][0], obj=colour_shape(ref))
+    return q, colour_shape(target), "relation"
 
 
 def _yes_exists(rng, objects, ctx, yes):
@@ -172,7 +173,7 @@ def _yes_side(rng, objects, ctx, yes):
     side = rng.choice(sides)
     if not yes:
         side = {"left": "right", "right": "left", "top": "bottom", "bottom": "top"}[side]
-    return rng.choice(SIDE_QS).format(obj=_pair(o), side=side), "yesno_side"
+    return rng.choice(SIDE_QS).format(obj=colour_shape(o), side=side), "yesno_side"
 
 
 def _yes_number(rng, objects, ctx, yes):

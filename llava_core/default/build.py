@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from ..model.config import ConfigError, LlavaConfig, ProjectorConfig, TextConfig, VisionConfig
-from ..checkpoints.gguf import SMOLLM2_FILE, SMOLLM2_SHA256, load_gguf_decoder, load_gguf_tokenizer, smollm2_gguf
+from .smollm2 import SMOLLM2_FILE, SMOLLM2_SHA256, load_smollm2_decoder, load_smollm2_tokenizer, smollm2_gguf
 from ..model.llama import Rotary
 from ..model.llava import LlavaModel
 from ..model.processor import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageConfig, LlavaProcessor
@@ -52,7 +52,7 @@ CHAT_TEMPLATE = (
 
 @lru_cache(maxsize=1)
 def _gguf_tokenizer():
-    return load_gguf_tokenizer()  # ~5 s: parsed once per process, copied per call
+    return load_smollm2_tokenizer()  # ~5 s: parsed once per process, copied per call
 
 
 def default_tokenizer():
@@ -72,10 +72,10 @@ def default_tokenizer():
 @lru_cache(maxsize=1)
 def _smollm2_meta() -> tuple[TextConfig, int]:
     """(the GGUF's TextConfig, the id of <|im_end|>) from the file's metadata (~3 s, once)."""
-    from ..checkpoints.gguf import _reader, text_config_from_gguf
+    from ..checkpoints.gguf import open_gguf, text_config_from_gguf
 
     path = smollm2_gguf()
-    reader = _reader(path)
+    reader = open_gguf(path)
     tokens, types = reader.fields["tokenizer.ggml.tokens"], reader.fields["tokenizer.ggml.token_type"]
     control = [i for i, kind in enumerate(types.contents()) if kind == 3]  # llama.cpp CONTROL tokens
     im_end = next((i for i in control if tokens.contents(i) == IM_END), None)
@@ -145,7 +145,7 @@ def put_decoder(model: LlavaModel, state: dict[str, torch.Tensor]) -> None:
 
 def gguf_state(dtype: torch.dtype = torch.float32, sha256: str = SMOLLM2_SHA256,
                 path: Path | None = None) -> tuple[dict[str, torch.Tensor], TextConfig]:
-    decoder, text = load_gguf_decoder(path, dtype=dtype, sha256=sha256)
+    decoder, text = load_smollm2_decoder(path, dtype=dtype, sha256=sha256)
     return decoder.state_dict(), text
 
 

@@ -23,10 +23,9 @@ import shutil
 from pathlib import Path
 
 from . import parts as pf
-from ..model.config import LlavaConfig
-from .build import IMAGE_TOKEN
 from .parts import ASSEMBLY_FORMAT, MARKER, parts_hash
-from ..checkpoints.export import atomic_folder, write_json
+from ..atomic import atomic_folder
+from ..checkpoints.export import complete_processor_files
 
 log = logging.getLogger(__name__)
 
@@ -139,8 +138,8 @@ def resolve_model(path_or_name: str | Path) -> Path:
         return assemble_cached(parts)
     path = Path(path_or_name).expanduser()
     if not path.is_dir():
-        raise FileNotFoundError(f"{path_or_name}: no such model folder (give a llava-hf checkpoint folder, "
-                                "a parts folder, or 'default')")
+        raise FileNotFoundError(f"{path_or_name}: no such checkpoint folder (give a llava-hf checkpoint "
+                                "folder, a parts folder, or 'default')")
     if (path / "parts.safetensors").is_file():
         return assemble_cached(path)
     return path
@@ -161,26 +160,3 @@ def export_model(name_or_path: str | Path, dst: str | Path, overwrite: bool = Fa
         complete_processor_files(tmp)
     log.info("exported %s -> %s", src, dst)
     return dst
-
-
-def complete_processor_files(folder: Path) -> None:
-    """Fill in what transformers' LlavaProcessor needs and a checkpoint may lack: processor_config.json's
-    patch_size, num_additional_image_tokens, strategy and image token; a CLIP preprocessor_config.json."""
-    cfg = LlavaConfig.from_json(folder / "config.json")
-    token = _token_string(folder, cfg.image_token_index) or IMAGE_TOKEN
-    if not (folder / "preprocessor_config.json").is_file():
-        pf.write_processor_files(folder, cfg, token, chat_template=None)
-    path = folder / "processor_config.json"
-    proc = json.loads(path.read_text()) if path.is_file() else {}
-    for key, value in pf.processor_config(cfg, token).items():
-        proc.setdefault(key, value)
-    write_json(path, proc)
-
-
-def _token_string(folder: Path, token_id: int) -> str | None:
-    """The added token with this id in tokenizer.json, if any."""
-    try:
-        added = json.loads((folder / "tokenizer.json").read_text()).get("added_tokens", [])
-    except (OSError, json.JSONDecodeError):
-        return None
-    return next((t["content"] for t in added if t.get("id") == token_id), None)

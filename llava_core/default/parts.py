@@ -31,12 +31,14 @@ from tqdm import tqdm
 from ..model.config import ConfigError, LlavaConfig, TextConfig
 from .build import (CHAT_TEMPLATE, DECODER, IMAGE_TOKEN, default_text_config, default_tokenizer,
                             extend_vocab, gguf_state, put_decoder)
-from ..checkpoints.export import atomic_folder, hub_state_dict, llava_hf_config, write_json, write_llava_hf, write_safetensors
-from ..checkpoints.gguf import SMOLLM2_FILE
+from ..atomic import atomic_folder, write_json
+from ..checkpoints.export import (hub_state_dict, llava_hf_config, write_llava_hf,
+                                  write_processor_files, write_safetensors)
+from .smollm2 import SMOLLM2_FILE
 from ..model.llava import LlavaModel
-from ..checkpoints.loader import CheckpointError, map_key, qkv_rows
+from ..checkpoints.keymap import map_key, qkv_rows
+from ..checkpoints.loader import CheckpointError
 from ..checkpoints.lora import lora_deltas, lora_settings, normalize_lora_state
-from ..model.processor import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 log = logging.getLogger(__name__)
 
@@ -79,30 +81,6 @@ def verify_decoder(model: LlavaModel) -> None:
                          f"({', '.join(differ[:4])}...): save_parts stores only the LoRA deltas, so pass "
                          "the model with the LoRA unmerged and the decoder otherwise frozen "
                          "(or verify=False to save anyway)")
-
-
-def write_processor_files(folder: Path, cfg: LlavaConfig, image_token: str = IMAGE_TOKEN,
-                          chat_template: str | None = CHAT_TEMPLATE) -> None:
-    """preprocessor_config.json (CLIPImageProcessor), processor_config.json, chat_template.json,
-    as transformers' LlavaProcessor reads them."""
-    size = cfg.vision.image_size
-    write_json(folder / "preprocessor_config.json", {
-        "image_processor_type": "CLIPImageProcessor", "processor_class": "LlavaProcessor",
-        "do_resize": True, "size": {"shortest_edge": size}, "resample": 3,
-        "do_center_crop": True, "crop_size": {"height": size, "width": size},
-        "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-        "image_mean": list(OPENAI_CLIP_MEAN), "image_std": list(OPENAI_CLIP_STD), "do_convert_rgb": True})
-    write_json(folder / "processor_config.json", processor_config(cfg, image_token))
-    if chat_template is not None:
-        write_json(folder / "chat_template.json", {"chat_template": chat_template})
-
-
-def processor_config(cfg: LlavaConfig, image_token: str = IMAGE_TOKEN) -> dict:
-    # transformers counts (H/p)*(W/p) + num_additional_image_tokens, minus 1 for "default":
-    # the CLS token is the one additional token, whichever the strategy.
-    return {"processor_class": "LlavaProcessor", "patch_size": cfg.vision.patch_size,
-            "vision_feature_select_strategy": cfg.vision_feature_select_strategy,
-            "num_additional_image_tokens": 1, "image_token": image_token}
 
 
 def save_tokenizer(tokenizer, folder: Path) -> None:
@@ -150,7 +128,7 @@ def save_parts(model: LlavaModel, folder: str | Path, lora_state: dict | None = 
             write_safetensors(lora, tmp / "lora", name="adapter_model")
             write_json(tmp / "lora" / "adapter_config.json", settings)
         save_tokenizer(default_tokenizer(), tmp)
-        write_processor_files(tmp, model.cfg)
+        write_processor_files(tmp, model.cfg, IMAGE_TOKEN, CHAT_TEMPLATE)
         write_json(tmp / "decoder.json", DECODER)
         for name, content in (extra_files or {}).items():
             _write_extra(tmp, name, content)

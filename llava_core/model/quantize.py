@@ -38,8 +38,8 @@ class Int8Linear(nn.Module):
         return F.linear(x.float(), w).to(x.dtype)
 
 
-def quantize_int8(decoder: "LlamaDecoder", lm_head: bool = True) -> "LlamaDecoder":
-    """Replace the decoder's projections (and the lm_head) by Int8Linear, in place. The embedding
+def quantize_int8(decoder: nn.Module, lm_head: bool = True) -> nn.Module:
+    """Replace a LlamaDecoder's projections (and the lm_head) by Int8Linear, in place. The embedding
     and the norms keep their dtype; a tied lm_head gets its own int8 copy."""
     for block in decoder.layers:
         for parent in (block.self_attn, block.mlp):

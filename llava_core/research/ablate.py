@@ -24,7 +24,6 @@ Writes under --out:
 
 from __future__ import annotations
 
-import argparse
 import copy
 import csv
 import io
@@ -97,7 +96,7 @@ def processor_for(processor, cfg):
 def decode_speed(model, processor, new_tokens: int = 16, repeats: int = 3) -> tuple[float, float]:
     """(time to first token s, decode tok/s) for one test image and question, medians."""
     from ..data import DataConfig, make_sample
-    from ..eval.synthetic import sample_conversation
+    from ..eval import sample_conversation
     from ..runtime.decode import SamplingParams, decode_loop, prefill
 
     s = make_sample("test", 0, DataConfig(image_size=model.cfg.vision.image_size))
@@ -121,7 +120,7 @@ def decode_speed(model, processor, new_tokens: int = 16, repeats: int = 3) -> tu
 
 
 def run_one(base, processor, kind: str, seed: int, cfg: AblationConfig, run_dir: Path, resume: bool) -> dict:
-    from ..eval.synthetic import evaluate_synthetic
+    from ..eval import evaluate_synthetic
     from ..train.common import LoopConfig
     from ..train.stage1_align import Stage1Config, train_stage1
 
@@ -191,13 +190,14 @@ def run_sweep(model_path: str, out_dir: str | Path, cfg: AblationConfig, resume:
     """Train and score every (projector, seed); returns the CSV's rows."""
     from ..model.config import ConfigError
     from ..checkpoints.loader import load_pretrained
+    from ..default.cache import resolve_model
     from ..model.processor import LlavaProcessor
     from ..model.projector import build_projector
     from ..train.common import set_trainable
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    folder = _resolve(model_path)
+    folder = resolve_model(model_path)
     base = load_pretrained(folder, dtype=torch.float32)
     set_trainable(base, False)
     processor = LlavaProcessor.from_pretrained(folder)
@@ -221,16 +221,6 @@ def run_sweep(model_path: str, out_dir: str | Path, cfg: AblationConfig, resume:
     if not todo:
         write_report(rows, out)
     return rows
-
-
-def _resolve(model_path: str) -> Path:
-    if model_path == "default":
-        from ..default.cache import resolve_model
-        return resolve_model("default")
-    folder = Path(model_path)
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"{folder}: not a llava-hf checkpoint folder (no config.json)")
-    return folder
 
 
 # --- the report ---------------------------------------------------------------------------------
@@ -318,39 +308,3 @@ def plot(rows: list[dict], path: Path, size=(760, 480)) -> None:
 def write_report(rows: list[dict], out: Path) -> None:
     atomic_write_text(out / "ablation.md", markdown_table(rows))
     plot(rows, out / "ablation.png")
-
-
-# --- command line -------------------------------------------------------------------------------
-
-def add_ablate_args(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("ablate", help="train and compare projectors on a frozen tower and decoder",
-                              description=__doc__.split("\n")[0])
-    p.add_argument("model", help="'default' or a llava-hf checkpoint folder (its tower and decoder are used)")
-    p.add_argument("--projectors", required=True, help="comma-separated projector names")
-    p.add_argument("--seeds", type=int, default=1, help="seeds per projector: 0..N-1 (default 1)")
-    p.add_argument("--out", required=True, help="folder for ablation.csv/.md/.png and the runs")
-    p.add_argument("--budget-minutes", type=float, default=90.0, help="the whole sweep (default 90)")
-    p.add_argument("--steps", type=int, help="fixed training steps per run (instead of the budget)")
-    p.add_argument("--stage2", action="store_true", help="also LoRA-tune the decoder (stage 2) per run")
-    p.add_argument("--data", choices=["instruct", "caption"], default="instruct")
-    p.add_argument("--eval-samples", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--resume", action="store_true", help="skip runs already in ablation.csv")
-    p.set_defaults(run=run_ablate)
-    return p
-
-
-def run_ablate(args: argparse.Namespace) -> int:
-    projectors = [p.strip() for p in args.projectors.split(",") if p.strip()]
-    if not projectors:
-        raise ValueError("--projectors: give at least one projector name")
-    if args.seeds < 1:
-        raise ValueError(f"--seeds {args.seeds}: need at least 1")
-    cfg = AblationConfig(projectors=projectors, seeds=list(range(args.seeds)), budget_minutes=args.budget_minutes,
-                         steps=args.steps, stage2=args.stage2, data=args.data, eval_samples=args.eval_samples,
-                         batch_size=args.batch_size, threads=args.threads)
-    rows = run_sweep(args.model, args.out, cfg, resume=args.resume)
-    print(markdown_table(rows))
-    print(f"wrote {Path(args.out) / 'ablation.csv'}, ablation.md, ablation.png")
-    return 0

@@ -12,14 +12,12 @@ decoder read the place; if it stays, the content.
 measures, for left/right and top/bottom questions about objects in the outer columns and rows
 of synthetic shape scenes, the next-token logit gap between the two answers under each reorder.
 
-    python -m llava_core.research.token_order default --n 30
+    llava-core token-order default --n 30
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
 import statistics
 from typing import Iterator
 
@@ -97,7 +95,7 @@ def scenes(n: int, image_size: int, split: str = "test", seed: int = 0) -> list[
 def logit_gaps(model, processor, items: list[tuple]) -> dict:
     """{axis: [(true answer, logit(first) - logit(second))]}: one question per object and axis,
     the first wording of LR_QS / TB_QS, as one user turn (`processor.prompt`) ready for the answer."""
-    from ..data.questions import LR_QS, TB_QS, _pair
+    from ..data.questions import LR_QS, TB_QS, colour_shape
 
     out = {}
     for (axis, first, second, key, first_value), template in zip(AXES, (LR_QS[0], TB_QS[0])):
@@ -107,7 +105,7 @@ def logit_gaps(model, processor, items: list[tuple]) -> dict:
                              "in this tokenizer, so their logit gap says nothing")
         rows = []
         for image, obj in items:
-            text = processor.prompt(template.format(obj=_pair(obj)), 1)
+            text = processor.prompt(template.format(obj=colour_shape(obj)), 1)
             enc = processor(text=[text], images=[[image]], return_tensors="pt")
             px = enc["pixel_values"].to(model.device, model.dtype)
             logits = model(enc["input_ids"].to(model.device), pixel_values=px)[0, -1].float()  # (V,)
@@ -141,28 +139,3 @@ def format_route(table: dict) -> str:
     for mode, row in table.items():
         lines.append(f"| {mode} | " + " | ".join(f"{row[axis]['separation']:+.2f}" for axis, *_ in AXES) + " |")
     return "\n".join(lines)
-
-
-def main(argv=None) -> int:
-    from ..atomic import atomic_write_text
-    from ..checkpoints.loader import load_pretrained
-    from ..default.cache import resolve_model
-    from ..model.processor import LlavaProcessor
-
-    p = argparse.ArgumentParser(prog="python -m llava_core.research.token_order", description=__doc__.split("\n\n")[0])
-    p.add_argument("model", help="a llava-hf folder, a parts folder, or 'default'")
-    p.add_argument("--n", type=int, default=30, help="shape scenes (each asked both questions per order)")
-    p.add_argument("--split", default="test")
-    p.add_argument("--out", help="also write the table as JSON here")
-    args = p.parse_args(argv)
-    folder = resolve_model(args.model)
-    model = load_pretrained(folder).eval()
-    table = position_route(model, LlavaProcessor.from_pretrained(folder), args.n, args.split)
-    print(format_route(table))
-    if args.out:
-        atomic_write_text(args.out, json.dumps(table, indent=1))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

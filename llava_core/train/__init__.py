@@ -3,11 +3,11 @@
     stage0_clip.py      CLIP stand-in: contrastive + auxiliary pretraining of the vision tower
     stage1_align.py     feature alignment: the projector alone (tower and decoder frozen)
     stage2_instruct.py  visual instruction tuning: projector + LoRA (peft) on the decoder
-    recipe.py           the default recipe as dataclasses; run_recipe; the `train` CLI helpers
+    recipe.py           the default recipe as dataclasses; run_recipe (options: cli/train.py)
     common.py           loop, schedule, JSONL metrics, atomic checkpoints, resume, PNG curves
     dist.py             device (cpu/cuda), torchrun process group, DDP, batches drawn ahead
     batches.py          samples -> tensors: images, answer-only labels, length-bucketed batches
-    probe.py            linear probes of a vision tower
+    tower_probe.py      linear probes of a vision tower
 
     from llava_core.train import run_recipe, default_recipe
     run_recipe("runs/r1", default_recipe())        # stages 0-2, parts in runs/r1/parts
@@ -19,7 +19,7 @@ trainable module in DistributedDataParallel (gloo; nccl with --device cuda) and 
 rank's share of the samples.
 """
 
-__all__ = ["Recipe", "RECIPES", "default_recipe", "run_recipe", "add_train_args", "run_train"]
+__all__ = ["Recipe", "RECIPES", "default_recipe", "run_recipe"]
 
 
 def __getattr__(name):

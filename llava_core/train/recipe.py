@@ -30,7 +30,6 @@ Set OMP_WAIT_POLICY=PASSIVE in the environment when anything else may run on the
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import logging
@@ -43,7 +42,7 @@ import torch
 from ..model.config import VisionConfig
 from ..atomic import atomic_write_text
 from .common import LoopConfig, config_differences, resolve_autocast, setup_torch
-from .dist import Dist, check_device, init_distributed
+from .dist import Dist, init_distributed
 from .stage0_clip import Stage0Config, load_visual, train_stage0, visual_state
 from .stage1_align import Stage1Config, train_stage1
 from .stage2_instruct import Stage2Config, lora_state, train_stage2
@@ -278,7 +277,7 @@ def run_recipe(out_dir: str | Path, recipe: Recipe | None = None, stages=STAGES,
         lora = {k: v.cpu() for k, v in lora_state(model.language_model).items()}
         summary["stages"]["2"] = _stage_summary(train_dir / "stage2.jsonl", time.perf_counter() - t)
         if recipe.eval_samples and dist.main:
-            from ..eval.synthetic import evaluate_synthetic
+            from ..eval import evaluate_synthetic
             t = time.perf_counter()
             res = evaluate_synthetic(model, processor, splits=("validation",), n_per_split=recipe.eval_samples,
                                      seed=recipe.seed)
@@ -347,67 +346,3 @@ def _jsonable(x):
     if isinstance(x, (str, int, float, bool)) or x is None:
         return x
     return str(x)
-
-
-# --- command line ------------------------------------------------------------------------------
-
-def add_train_args(subparsers) -> argparse.ArgumentParser:
-    """The `train` subcommand: `llava-core train --recipe default --out DIR ...`."""
-    p = subparsers.add_parser("train", help="train the default model (stages 0-2 of LLaVA's recipe)",
-                              description=__doc__.split("\n")[0])
-    _add_args(p)
-    p.set_defaults(func=run_train)
-    return p
-
-
-def _add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--recipe", default="default", choices=sorted(RECIPES))
-    p.add_argument("--out", required=True, help="folder for logs, checkpoints and the trained parts")
-    p.add_argument("--budget-minutes", type=float, help="wall-clock budget of the whole run")
-    p.add_argument("--stage", default="all", choices=["0", "1", "2", "all"])
-    p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
-    p.add_argument("--threads", type=int, help="torch threads (default 2)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun each process takes GPU LOCAL_RANK)")
-    p.add_argument("--workers", type=int, default=0,
-                   help="processes drawing stage 0's batches ahead (0: in the training process; ~8 on a GPU)")
-    p.add_argument("--eval-samples", type=int, help="validation questions answered after stage 2")
-    p.add_argument("--seed", type=int, help="seed of the whole run: initial values and data of every stage")
-    p.add_argument("--replay", metavar="JSON", help="run the steps a finished run recorded (weights/training.json "
-                   "or train/summary.json) instead of a time budget: reproduces that run's model")
-
-
-def run_train(args: argparse.Namespace) -> int:
-    recipe = RECIPES[args.recipe]()
-    if args.budget_minutes is not None:
-        recipe.budget_minutes = args.budget_minutes
-    for key in ("threads", "eval_samples"):
-        if getattr(args, key, None) is not None:
-            setattr(recipe, key, getattr(args, key))
-    if args.seed is not None:
-        recipe.set_seed(args.seed)
-    if args.replay:
-        recipe.replay(json.loads(Path(args.replay).read_text()))
-    stages = STAGES if args.stage == "all" else (int(args.stage),)
-    summary = run_recipe(args.out, recipe, stages=stages, resume=args.resume, device=args.device,
-                         workers=args.workers)
-    log.info("training finished in %.0f s; summary in %s", summary["elapsed_s"],
-             Path(args.out) / "train" / "summary.json")
-    return 0
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    _add_args(p)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    args = p.parse_args(argv)
-    try:  # a bad argument is one line now, not a traceback after the model is built
-        check_device(args.device)
-    except ValueError as e:
-        p.error(f"--device: {e}")
-    if args.workers < 0:
-        p.error(f"--workers {args.workers}: expected 0 (draw in the training process) or more")
-    return run_train(args)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
