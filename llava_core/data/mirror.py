@@ -3,7 +3,7 @@
 The mirrored sample differs from its source only in which side things are on, so a model
 trained on both sees exactly what "left" and "right" depend on: the column of the object,
 which it must then read from the image tokens' content (the token order tells rows apart
-readily and columns hardly at all; weights/README.md). Every shape is symmetric about its
+readily and columns hardly at all; benchmarks/default_model.md). Every shape is symmetric about its
 vertical axis, so a mirrored scene is still a scene the generator could draw.
 
 Text: "left" and "right" swap everywhere (answers, cell names, relations) except in the

@@ -13,7 +13,7 @@ at once; only the zoomed scenes' labels are moved in Python):
 
 It uses none of the code of the data's shifted split (other canvas sizes, JPEG, rotated
 shapes), which measures how well the model copes with drawings it was not trained on.
-Through the whole recipe (run r4, weights/README.md) the shifted split's exact match rose
+Through the whole recipe (run r4, benchmarks/default_model.md) the shifted split's exact match rose
 from 30.0% to 35.3% with test unchanged at 41.0%; that run's stage 0 also made fewer steps,
 so the two causes are not separated.
 """

@@ -67,7 +67,7 @@ class Recipe:
     dtype: str = "float32"
     # the whole recipe; None: each stage's own loop settings. 58 minutes, all but the reserve
     # split by `shares`, is about the shipped run's stage times on this project's CPU machine
-    # when nothing else runs (stage 0 1,107 s, 1 257 s, 2 2,017 s: weights/README.md).
+    # when nothing else runs (stage 0 1,107 s, 1 257 s, 2 2,017 s: benchmarks/default_model.md).
     budget_minutes: float | None = 58.0
     # of the budget left after the reserve. Stage 0 sees ~35x the samples per second of stages
     # 1-2 and is where shape must be learnt (the slowest skill): in the first shipped run its
@@ -78,7 +78,7 @@ class Recipe:
     shares: tuple[float, float, float] = (0.34, 0.07, 0.59)
     reserve_minutes: float = 4.0  # model load, probes, evaluation, saving
     # half of stage 0's images augmented (paper, zoom-out, blur, noise): in r4 the shifted split
-    # rose from 30.0% to 35.3% with test unchanged at 41.0% (weights/README.md)
+    # rose from 30.0% to 35.3% with test unchanged at 41.0% (benchmarks/default_model.md)
     stage0: Stage0Config = field(default_factory=lambda: Stage0Config(augment=0.5))
     # stages 1-2 compute in bf16 where the CPU has native bf16 (0.64x the step time there,
     # benchmarks/README.md), in fp32 elsewhere; the run records which
@@ -86,7 +86,7 @@ class Recipe:
     # stage 2's learning rates at 3x Stage2Config's: rerun from one tower and stage-1 projector
     # for the same 411 steps, 1x / 2x / 3x / 4x gave 41.0 / 44.1 / 45.7 / 42.6% on the test
     # split and 252 / 275 / 287 / 260 right of 569 over test, held-out and shifted
-    # (weights/README.md)
+    # (benchmarks/default_model.md)
     stage2: Stage2Config = field(default_factory=lambda: Stage2Config(
         lr=1.5e-3, projector_lr=6e-4, autocast="auto"))
     probe: bool = True  # linear probes of the tower after stage 0 (~1 min)

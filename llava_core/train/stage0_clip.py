@@ -323,7 +323,7 @@ class Stage0Config:
     augment: float = 0.0  # share of images augmented (train/augment.py: paper, zoom-out, blur, noise)
     aux_weight: float = 1.0  # weight of the auxiliary heads (cells, patches, characters); 0: contrastive only
     # also ask each patch token for its own row and column. Tried with the shipped run's steps:
-    # position became 99.9% readable per token, answers did not improve (weights/README.md)
+    # position became 99.9% readable per token, answers did not improve (benchmarks/default_model.md)
     aux_position: bool = False
     feature_layer: int = -1  # the layer the aux heads read (the LLaVA feature layer)
     split: str = "train"
