@@ -29,8 +29,9 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from ..model.config import LlavaConfig
 from ..model.llava import LlavaModel
+from ..model.llava_next import LlavaNextModel
+from ..model.next_config import LlavaNextConfig, read_config
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,7 @@ KEY_RULES: list[tuple[str, str | None]] = [
     (r"^model\.vision_tower\.", "vision_tower."),  # (c)
     (r"^vision_tower\.vision_model\.", "vision_tower."),  # (a)
     (r"^(model\.)?multi_modal_projector\.", "projector."),  # all
+    (r"^model\.image_newline$", "image_newline"),  # (c), llava_next; (a)/(b) already say image_newline
     (r"\.rotary_emb\.inv_freq$", None),  # a buffer some old files carry; recomputed from the config
     # HF CLIPVisionTransformer -> open_clip VisionTransformer
     (r"^vision_tower\.embeddings\.position_ids$", None),  # an index buffer, not a weight
@@ -219,14 +221,14 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | None = None, device: 
     folder = Path(path)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: no such checkpoint folder")
-    cfg = LlavaConfig.from_json(folder / "config.json")
+    cfg = read_config(folder / "config.json")  # LlavaConfig, or LlavaNextConfig for model_type llava_next
     files, fmt = _checkpoint_files(folder, allow_pickle)
     device = torch.device(device)
     if dtype is None:
         dtype = default_dtype(checkpoint_dtype(folder), device)
 
     with torch.device("meta"):
-        model = LlavaModel(cfg)
+        model = LlavaNextModel(cfg) if isinstance(cfg, LlavaNextConfig) else LlavaModel(cfg)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     tied = cfg.text.tie_word_embeddings
     if tied:

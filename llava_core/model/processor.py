@@ -60,11 +60,12 @@ class ImageConfig:
     do_convert_rgb: bool = True
 
     @classmethod
-    def from_json(cls, path: Path, image_size: int) -> "ImageConfig":
+    def from_json(cls, path: Path, image_size: int, kinds: set = _CLIP_PROCESSORS) -> "ImageConfig":
         d = json.loads(path.read_text()) if path.is_file() else {}
         kind = d.get("image_processor_type")
-        if kind not in _CLIP_PROCESSORS:
-            raise ConfigError(f"{path}: image_processor_type={kind!r} is not supported (CLIPImageProcessor)")
+        if kind not in kinds:
+            expected = sorted(k for k in kinds if k)[0]
+            raise ConfigError(f"{path}: image_processor_type={kind!r} is not supported ({expected})")
         size = d.get("size", {"shortest_edge": image_size})
         if isinstance(size, int):
             size = {"shortest_edge": size}
