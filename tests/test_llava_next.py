@@ -286,3 +286,22 @@ def test_next_mistral_with_mistral_template(tmp_path):
                             enc["attention_mask"], 0, image_sizes=enc["image_sizes"])
     want = ref.generate(**enc, max_new_tokens=8, min_new_tokens=8, do_sample=False)[:, enc["input_ids"].shape[1]:]
     assert torch.equal(torch.stack(list(steps), dim=1), want)
+
+
+def test_export_round_trip(tmp_path, models, ours):
+    # save_llava_hf writes a llava_next folder that we and transformers read back to the same model
+    from transformers import LlavaNextForConditionalGeneration
+    from llava_core.checkpoints.export import save_llava_hf
+    model, _ = models
+    folder = save_llava_hf(model, tmp_path / "out")
+    assert json.loads((folder / "config.json").read_text())["model_type"] == "llava_next"
+    again = load_pretrained(folder, dtype=torch.float32)
+    assert isinstance(again, LlavaNextModel)
+    want = model.state_dict()
+    assert all(torch.equal(t, want[k]) for k, t in again.state_dict().items())
+    ref = LlavaNextForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
+    enc = ours(text=ours.prompt("What is this?"), images=[_image((90, 40), 13)])
+    with torch.no_grad():
+        a = model(enc["input_ids"], enc["pixel_values"], image_sizes=enc["image_sizes"])
+        b = ref(**enc).logits
+    assert (a - b).abs().max() <= 1e-4

@@ -194,3 +194,16 @@ def test_window_in_packed_segments():
         for seg in (1, 2):
             alone = dec(torch.cat([x[:, :2], x[:, segments[0] == seg]], dim=1))
             assert (packed[:, segments[0] == seg] - alone[:, 2:]).abs().max() <= 1e-5
+
+
+def test_export_keeps_the_window(tmp_path, windowed):
+    # a windowed decoder is written as Mistral with its window, never as a plain LLaMA
+    from llava_core.checkpoints.export import save_llava_hf
+    model = load_pretrained(windowed, dtype=torch.float32)
+    folder = save_llava_hf(model, tmp_path / "out")
+    text = json.loads((folder / "config.json").read_text())["text_config"]
+    assert text["model_type"] == "mistral" and text["sliding_window"] == 8
+    ref = _hf(folder)
+    ids = torch.randint(3, 399, (1, 30), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert (model(ids) - ref(input_ids=ids).logits).abs().max() <= 1e-4

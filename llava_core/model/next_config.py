@@ -75,8 +75,10 @@ def read_config(path: str | Path) -> LlavaConfig:
         model_type = json.loads(file.read_text()).get("model_type", "llava") if file.is_file() else "llava"
     except (json.JSONDecodeError, AttributeError):
         model_type = "llava"  # LlavaConfig.from_json reports the file's fault
-    klass = LlavaNextConfig if model_type == LlavaNextConfig.MODEL_TYPE else LlavaConfig
-    return klass.from_json(path)
+    known = {LlavaConfig.MODEL_TYPE: LlavaConfig, LlavaNextConfig.MODEL_TYPE: LlavaNextConfig}
+    if model_type not in known:
+        raise ConfigError(f"{file}: model_type={model_type!r} is not supported ({', '.join(known)})")
+    return known[model_type].from_json(path)
 
 
 __all__ = ["LlavaNextConfig", "NEXT_DEFAULT_PINPOINTS", "read_config"]
