@@ -305,3 +305,9 @@ def test_export_round_trip(tmp_path, models, ours):
         a = model(enc["input_ids"], enc["pixel_values"], image_sizes=enc["image_sizes"])
         b = ref(**enc).logits
     assert (a - b).abs().max() <= 1e-4
+
+
+def test_chat_session_refuses_next_clearly(models, ours):
+    from llava_core.runtime.chat import ChatSession
+    with pytest.raises(NotImplementedError, match="ChatSession does not handle llava_next"):
+        ChatSession(models[0], ours)
