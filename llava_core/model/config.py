@@ -15,8 +15,8 @@ import json
 import math
 import re
 from dataclasses import dataclass, field
-from typing import ClassVar
 from pathlib import Path
+from typing import ClassVar
 
 
 class ConfigError(ValueError):
@@ -279,7 +279,7 @@ class LlavaConfig:
 
     @classmethod
     def _extra_from_hf_dict(cls, d: dict, source: str) -> dict:
-        """The fields a subclass (llava_next.LlavaNextConfig) reads beyond these."""
+        """The fields a subclass (next_config.LlavaNextConfig) reads beyond these."""
         return {}
 
     @classmethod
