@@ -2,7 +2,7 @@
 
 The public surface, documented in the README:
     load_pretrained(path, dtype=None, device="cpu") -> LlavaModel
-    LlavaProcessor.from_pretrained(path)
+    LlavaProcessor.from_pretrained(path)  (LlavaNextProcessor.from_pretrained for llava_next folders)
     generate(model, processor, prompts, images, **sampling) / stream(...)
     ChatSession(model, processor, images)
 Names are imported on first use, so `llava-core --help` does not wait for torch.
@@ -23,6 +23,9 @@ _PUBLIC = {
     "CheckpointError": "checkpoints.loader",
     "LlavaProcessor": "model.processor",
     "LlavaModel": "model.llava",
+    "LlavaNextProcessor": "model.processor_next",  # llava-v1.6: any-resolution tiles
+    "LlavaNextModel": "model.llava_next",
+    "LlavaNextConfig": "model.next_config",
     "LlavaConfig": "model.config",
     "ConfigError": "model.config",
     "KVCache": "model.kv_cache",

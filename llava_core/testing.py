@@ -72,7 +72,7 @@ def make_tokenizer(folder: str | Path, vocab: int = 400) -> tuple[int, int]:
 def tiny_hf_config(image_token_index: int, pad_token_id: int, vocab_size: int = 416, *,
                    text: dict | None = None, vision: dict | None = None, **top):
     """A transformers LlavaConfig small enough for tests: 336-px images, 14-px patches (576 tokens)."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, MistralConfig
 
     v = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
              image_size=336, patch_size=14, projection_dim=32)
@@ -81,8 +81,10 @@ def tiny_hf_config(image_token_index: int, pad_token_id: int, vocab_size: int = 
              num_key_value_heads=2, vocab_size=vocab_size, max_position_embeddings=2048,
              rms_norm_eps=1e-5, pad_token_id=pad_token_id, bos_token_id=1, eos_token_id=2)
     t.update(text or {})
-    return LlavaConfig(vision_config=CLIPVisionConfig(**v), text_config=LlamaConfig(**t),
-                       image_token_index=image_token_index, pad_token_id=pad_token_id, **top)
+    text_class = MistralConfig if t.pop("model_type", "llama") == "mistral" else LlamaConfig  # bakLlava: mistral
+    config_class = top.pop("config_class", LlavaConfig)  # llava_next: transformers' LlavaNextConfig
+    return config_class(vision_config=CLIPVisionConfig(**v), text_config=text_class(**t),
+                        image_token_index=image_token_index, pad_token_id=pad_token_id, **top)
 
 
 def make_tiny_checkpoint(folder: str | Path, *, seed: int = 0, dtype: torch.dtype = torch.float32,
@@ -138,3 +140,41 @@ def to_hub_layout(folder: Path) -> None:
         d = json.loads(index.read_text())
         d["weight_map"] = {rename(k): v for k, v in d["weight_map"].items()}
         index.write_text(json.dumps(d, indent=2))
+
+
+# --- LLaVA-NeXT ------------------------------------------------------------------------
+# A 32-px tower with 8-px patches (4 x 4 patches per tile) and pinpoints of 1 x 2, 2 x 1 and
+# 2 x 2 tiles: tiny, but every branch of the tiling and unpadding is exercised.
+NEXT_VISION = dict(image_size=32, patch_size=8, num_hidden_layers=2)
+NEXT_PINPOINTS = [[32, 64], [64, 32], [64, 64]]
+
+
+def make_tiny_next_checkpoint(folder: str | Path, *, seed: int = 0, text: dict | None = None,
+                              vision: dict | None = None, pinpoints: list | None = None,
+                              chat_template: str | None = None, **top) -> Path:
+    """Write a random llava-hf llava_next checkpoint folder (transformers 5 layout) with the
+    processor files transformers' LlavaNextProcessor reads."""
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    image_id, pad_id = make_tokenizer(folder)
+    pins = pinpoints or NEXT_PINPOINTS
+    cfg = tiny_hf_config(image_id, pad_id, text=text, vision={**NEXT_VISION, **(vision or {})},
+                         config_class=LlavaNextConfig, image_grid_pinpoints=pins, **top)
+    torch.manual_seed(seed)
+    LlavaNextForConditionalGeneration(cfg).eval().save_pretrained(str(folder))
+    size = cfg.vision_config.image_size
+    (folder / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": "LlavaNextImageProcessor", "processor_class": "LlavaNextProcessor",
+        "do_resize": True, "size": {"shortest_edge": size}, "resample": 3,
+        "do_center_crop": True, "crop_size": {"height": size, "width": size},
+        "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "do_pad": True,
+        "image_mean": CLIP_MEAN, "image_std": CLIP_STD, "do_convert_rgb": True,
+        "image_grid_pinpoints": pins}, indent=2))
+    (folder / "processor_config.json").write_text(json.dumps({
+        "processor_class": "LlavaNextProcessor", "patch_size": cfg.vision_config.patch_size,
+        "vision_feature_select_strategy": cfg.vision_feature_select_strategy,
+        "num_additional_image_tokens": 1, "image_token": "<image>"}, indent=2))
+    (folder / "chat_template.json").write_text(json.dumps({"chat_template": chat_template or LLAVA15_CHAT_TEMPLATE}))
+    return folder

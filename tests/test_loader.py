@@ -292,12 +292,12 @@ BAD_CONFIGS = {
     "image_seq_length": lambda d: d.update(image_seq_length=100),
     "vision_feature_layer": lambda d: d.update(vision_feature_layer=-7),
     "vision_config.hidden_act": lambda d: d["vision_config"].update(hidden_act="relu"),
-    "text_config.model_type": lambda d: d["text_config"].update(model_type="mistral"),
+    "text_config.model_type": lambda d: d["text_config"].update(model_type="qwen2"),  # mistral: test_mistral.py
     "text_config.attention_bias": lambda d: d["text_config"].update(attention_bias=True),
     "text_config.rope_scaling": lambda d: d["text_config"].update(
         rope_parameters={"rope_type": "yarn", "factor": 2.0, "rope_theta": 10000.0}),
     "text_config.frobnicate": lambda d: d["text_config"].update(frobnicate=3),
-    "model_type": lambda d: d.update(model_type="llava_next"),
+    "model_type": lambda d: d.update(model_type="llava_onevision"),  # llava_next: test_llava_next.py
 }
 
 
@@ -361,7 +361,8 @@ def hf_fields(h) -> dict:
                   max_position_embeddings=t.max_position_embeddings, rms_norm_eps=t.rms_norm_eps,
                   rope_theta=theta, rope_scaling=scaling, tie_word_embeddings=h.tie_word_embeddings,
                   bos_token_id=t.bos_token_id, eos_token_id=t.eos_token_id,
-                  pad_token_id=t.pad_token_id if t.pad_token_id is not None else getattr(h, "pad_token_id", None)),
+                  pad_token_id=t.pad_token_id if t.pad_token_id is not None else getattr(h, "pad_token_id", None),
+                  sliding_window=getattr(t, "sliding_window", None)),  # LlamaConfig has none
         projector=dict(bias=h.multimodal_projector_bias, act=h.projector_hidden_act),
         image_token_index=h.image_token_index, vision_feature_layer=h.vision_feature_layer,
         vision_feature_select_strategy=h.vision_feature_select_strategy)

@@ -22,6 +22,7 @@ import torch
 from ..atomic import atomic_folder, write_json
 from ..model.config import LlavaConfig
 from ..model.llava import LlavaModel
+from ..model.next_config import LlavaNextConfig
 from .keymap import hub_names, qkv_rows
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,11 @@ def llava_hf_config(cfg: LlavaConfig, dtype: torch.dtype = torch.float32) -> dic
                projector_hidden_act="gelu", multimodal_projector_bias=cfg.projector.bias,
                tie_word_embeddings=t.tie_word_embeddings, pad_token_id=t.pad_token_id,
                torch_dtype=_dtype_name(dtype))
+    if t.sliding_window is not None:  # LLaMA has no window: only a Mistral config can say it
+        text.update(model_type="mistral", sliding_window=t.sliding_window)
+    if isinstance(cfg, LlavaNextConfig):  # image_newline keeps its name (keymap.KEY_MAP)
+        out.update(architectures=["LlavaNextForConditionalGeneration"], model_type="llava_next",
+                   image_grid_pinpoints=[list(p) for p in cfg.image_grid_pinpoints])
     # transformers' LlavaMultiModalProjector is mlp2x_gelu only; the field and the key names of
     # the others are listed in projector.py's docstring
     if cfg.projector.kind != "mlp2x_gelu":

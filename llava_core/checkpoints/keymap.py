@@ -27,6 +27,7 @@ LAYOUTS: list[tuple[str, str]] = [
     (r"^model\.vision_tower\.", "vision_tower."),  # (c)
     (r"^vision_tower\.(?!vision_model\.)", "vision_tower.vision_model."),  # (b), (c)
     (r"^model\.multi_modal_projector\.", "multi_modal_projector."),  # (c)
+    (r"^model\.image_newline$", "image_newline"),  # (c), LLaVA-NeXT
 ]
 
 # Checkpoint keys that hold no weight (layout (a) names): dropped on load.
@@ -44,6 +45,7 @@ KEY_MAP: list[tuple[str, str]] = [
     ("language_model.lm_head.{rest}", "language_model.lm_head.{rest}"),
     ("language_model.model.{rest}", "language_model.{rest}"),
     ("multi_modal_projector.{rest}", "projector.{rest}"),
+    ("image_newline", "image_newline"),  # LLaVA-NeXT: the learned token after each row of image features
     (_CLIP + "embeddings.patch_embedding.{w}", _OC + "conv1.{w}"),
     (_CLIP + "embeddings.class_embedding", _OC + "class_embedding"),
     (_CLIP + "embeddings.position_embedding.weight", _OC + "positional_embedding"),

@@ -23,8 +23,9 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from ..model.config import LlavaConfig
 from ..model.llava import LlavaModel
+from ..model.llava_next import LlavaNextModel
+from ..model.next_config import LlavaNextConfig, read_config
 from .keymap import map_key, qkv_rows
 
 log = logging.getLogger(__name__)
@@ -169,14 +170,14 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | None = None, device: 
     folder = Path(path)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: no such checkpoint folder")
-    cfg = LlavaConfig.from_json(folder / "config.json")
+    cfg = read_config(folder / "config.json")  # LlavaConfig, or LlavaNextConfig for model_type llava_next
     files, fmt = _checkpoint_files(folder, allow_pickle)
     device = torch.device(device)
     if dtype is None:
         dtype = default_dtype(checkpoint_dtype(folder), device)
 
     with torch.device("meta"):
-        model = LlavaModel(cfg)
+        model = LlavaNextModel(cfg) if isinstance(cfg, LlavaNextConfig) else LlavaModel(cfg)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     tied = cfg.text.tie_word_embeddings
     if tied:

@@ -16,6 +16,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 
 class ConfigError(ValueError):
@@ -69,8 +70,12 @@ class TextConfig:
     bos_token_id: int | None = 1
     eos_token_id: int | list[int] | None = 2
     pad_token_id: int | None = None
+    sliding_window: int | None = None  # Mistral: a query at position p reads keys in (p - window, p]
 
     def __post_init__(self):
+        if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window < 1):
+            raise ConfigError(f"text_config.sliding_window={self.sliding_window!r}: expected a positive "
+                              "integer or null")
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None:
@@ -166,6 +171,7 @@ class ProjectorConfig:
 
 @dataclass
 class LlavaConfig:
+    MODEL_TYPE: ClassVar[str] = "llava"  # config.json's model_type
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)
@@ -228,16 +234,14 @@ class LlavaConfig:
 
     @classmethod
     def _from_hf_dict(cls, d: dict, source: str) -> "LlavaConfig":
-        if d.get("model_type", "llava") != "llava":
-            raise ConfigError(f"{source}: model_type={d.get('model_type')!r}, expected 'llava'")
+        if d.get("model_type", cls.MODEL_TYPE) != cls.MODEL_TYPE:
+            raise ConfigError(f"{source}: model_type={d.get('model_type')!r}, expected {cls.MODEL_TYPE!r}")
         vd = dict(d["vision_config"] if d.get("vision_config") is not None else LLAVA_DEFAULT_VISION)
         td = dict(d.get("text_config") or {})
         if vd.get("model_type", "clip_vision_model") not in ("clip_vision_model", "clip"):
             raise ConfigError(f"{source}: vision_config.model_type={vd.get('model_type')!r} is not "
                               "supported (clip_vision_model)")
-        if td.get("model_type", "llama") != "llama":
-            raise ConfigError(f"{source}: text_config.model_type={td.get('model_type')!r} is not "
-                              "supported (llama)")
+        td = _text_defaults(td, source)
         vision = VisionConfig(**_pick(vd, VisionConfig, source, "vision_config"))
 
         # rope settings: transformers 5 keeps them in rope_parameters, older files at top level.
@@ -270,7 +274,13 @@ class LlavaConfig:
             vision_feature_layer=d.get("vision_feature_layer", -2),
             vision_feature_select_strategy=d.get("vision_feature_select_strategy", "default"),
             image_seq_length=d.get("image_seq_length"),
+            **cls._extra_from_hf_dict(d, source),
         )
+
+    @classmethod
+    def _extra_from_hf_dict(cls, d: dict, source: str) -> dict:
+        """The fields a subclass (next_config.LlavaNextConfig) reads beyond these."""
+        return {}
 
     @classmethod
     def from_json(cls, path: str | Path) -> "LlavaConfig":
@@ -302,8 +312,41 @@ _IGNORED = {
     "tie_encoder_decoder", "tokenizer_class", "prefix", "sep_token_id", "decoder_start_token_id",
     "task_specific_params", "cross_attention_hidden_size", "finetuning_task", "bad_words_ids",
     "begin_suppress_tokens", "suppress_tokens", "use_bfloat16", "tf_legacy_loss", "pruned_heads",
-    "torchscript", "vocab_size", "layer_types", "sliding_window", "max_window_layers", "use_sliding_window",
+    "torchscript", "vocab_size", "layer_types", "max_window_layers", "use_sliding_window",
 }
+
+
+# --- text decoders other than LLaMA ---------------------------------------------------
+# A decoder is accepted when its weights and arithmetic are LLaMA's (separate q/k/v without
+# bias, SwiGLU, RMSNorm, rotate_half rotary) up to fields TextConfig honours. Mistral is that,
+# plus a sliding attention window. Qwen2 (q/k/v biases), Gemma (scaled embeddings, GeGLU, norm
+# offset) and the rest are not, and are refused by name.
+
+# MistralConfig's defaults (transformers) where they differ from LlamaConfig's: a sparse hub file
+# (bakLlava names only a few fields) must read as transformers reads it.
+MISTRAL_DEFAULTS = dict(intermediate_size=14336, num_key_value_heads=8, max_position_embeddings=4096 * 32,
+                        sliding_window=4096)
+TEXT_MODEL_TYPES = ("llama", "mistral")
+
+
+def _text_defaults(td: dict, source: str) -> dict:
+    """text_config -> the same with the defaults of its model_type filled in; refuse decoders that
+    are not LLaMA-shaped, and a sliding window on a decoder whose transformers class ignores it."""
+    kind = td.get("model_type", "llama")
+    if kind not in TEXT_MODEL_TYPES:
+        raise ConfigError(f"{source}: text_config.model_type={kind!r} is not supported "
+                          f"({', '.join(TEXT_MODEL_TYPES)}: LLaMA-shaped decoders)")
+    td = dict(td)
+    if kind == "mistral":
+        for key, value in MISTRAL_DEFAULTS.items():
+            td.setdefault(key, value)
+    elif td.get("sliding_window") is not None:
+        raise ConfigError(f"{source}: text_config.sliding_window={td['sliding_window']!r} with model_type "
+                          "'llama': transformers' LLaMA attends to the whole context, so the window "
+                          "would mean something different here; remove it or use model_type 'mistral'")
+    else:
+        td.pop("sliding_window", None)
+    return td
 
 
 def _pick(d: dict, klass, source: str, section: str) -> dict:

@@ -5,6 +5,9 @@ Buffers are (layers, batch, kv_heads, max_len, head_dim), written in place at sl
 rotary position in `next_pos`, so a padded batch and a chat that grows turn by turn
 need no bookkeeping outside this class. `truncate(n)` rolls the cache back to n slots
 (undo a chat turn, regenerate an answer): slots past n are simply never read again.
+A sliding attention window (Mistral) keeps every slot too: llama.build_mask hides the keys
+that have left the window, so the cache is the same for windowed and full attention (a
+rolling buffer would save memory past the window, at the cost of truncate and of this layout).
 """
 
 from __future__ import annotations

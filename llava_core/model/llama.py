@@ -159,18 +159,29 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-def build_mask(valid: torch.Tensor, T: int) -> torch.Tensor:
+def build_mask(valid: torch.Tensor, T: int, window: int | None = None) -> torch.Tensor:
     """Boolean mask (B, 1, T, S) for T new queries in the last T of S slots.
 
     Query t (slot S-T+t) may read slot j when j <= S-T+t (causal) and slot j holds a
     real token (valid[b, j]). A query always reads its own slot, so the rows of left
     padding attend to something and stay finite; their outputs are never used.
+    With a sliding window (Mistral), a query at position p reads only keys at positions
+    in (p - window, p]; positions count real tokens, so padding does not use up the window.
     """
     S = valid.shape[1]
     q_slot = torch.arange(S - T, S, device=valid.device)[:, None]  # (T, 1)
     k_slot = torch.arange(S, device=valid.device)[None, :]  # (1, S)
     causal = k_slot <= q_slot  # (T, S)
-    return ((causal[None] & valid[:, None, :]) | (k_slot == q_slot)[None])[:, None]  # (B, 1, T, S)
+    allowed = causal[None] & valid[:, None, :]  # (B, T, S)
+    if window is not None:
+        pos = valid.long().cumsum(1) - 1  # (B, S): each real slot's rotary position
+        allowed = allowed & within_window(pos[:, S - T:], pos, window)[:, 0]
+    return (allowed | (k_slot == q_slot)[None])[:, None]  # (B, 1, T, S)
+
+
+def within_window(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int) -> torch.Tensor:
+    """q_pos (B, T), k_pos (B, S) -> (B, 1, T, S): key position in (query position - window, ...]."""
+    return (k_pos[:, None, :] > q_pos[:, :, None] - window)[:, None]
 
 
 def segment_mask(segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -223,11 +234,13 @@ class LlamaDecoder(nn.Module):
         segments (B, T), training only: packed independent turns (see segment_mask).
         """
         B, T, _ = embeds.shape
-        mask = None
+        mask, window = None, self.cfg.sliding_window
         if segments is not None:
             if cache is not None or attention_mask is not None:
                 raise ValueError("segments: packed turns take neither a cache nor an attention_mask")
             mask, positions = segment_mask(segments)
+            if window is not None:
+                mask = mask & within_window(positions, positions, window)
         elif cache is not None:
             new = attention_mask if attention_mask is not None else embeds.new_ones(B, T, dtype=torch.bool)
             positions, valid = cache.begin(new)
@@ -239,8 +252,11 @@ class LlamaDecoder(nn.Module):
         else:
             positions = torch.arange(T, device=embeds.device).expand(B, T)
             valid, plain = None, True
+        if segments is None and window is not None and (T if valid is None else valid.shape[1]) > window:
+            plain = False  # the window hides the oldest keys from some query: an explicit mask
+            valid = embeds.new_ones(B, T, dtype=torch.bool) if valid is None else valid
         if segments is None and not plain:
-            mask = build_mask(valid, T)
+            mask = build_mask(valid, T, window)
         cos, sin = self.rotary(positions, embeds.dtype)
         x = embeds
         if (hidden_states is None and cpu_kernels.use_decode_step(x, cache)

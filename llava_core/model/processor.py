@@ -60,11 +60,12 @@ class ImageConfig:
     do_convert_rgb: bool = True
 
     @classmethod
-    def from_json(cls, path: Path, image_size: int) -> "ImageConfig":
+    def from_json(cls, path: Path, image_size: int, kinds: set = _CLIP_PROCESSORS) -> "ImageConfig":
         d = json.loads(path.read_text()) if path.is_file() else {}
         kind = d.get("image_processor_type")
-        if kind not in _CLIP_PROCESSORS:
-            raise ConfigError(f"{path}: image_processor_type={kind!r} is not supported (CLIPImageProcessor)")
+        if kind not in kinds:
+            expected = sorted(k for k in kinds if k)[0]
+            raise ConfigError(f"{path}: image_processor_type={kind!r} is not supported ({expected})")
         size = d.get("size", {"shortest_edge": image_size})
         if isinstance(size, int):
             size = {"shortest_edge": size}
@@ -131,15 +132,15 @@ class LlavaProcessor:
         path = Path(path)
         cfg = LlavaConfig.from_json(path)
         image_cfg = ImageConfig.from_json(path / "preprocessor_config.json", cfg.vision.image_size)
-        proc = _read_json(path / "processor_config.json")
-        _check_image_tokens(cfg, image_cfg, proc, path / "processor_config.json")
+        proc = read_json(path / "processor_config.json")
+        check_image_tokens(cfg, image_cfg, proc, path / "processor_config.json")
         tokenizer = AutoTokenizer.from_pretrained(str(path))
         token = tokenizer.convert_ids_to_tokens(cfg.image_token_index)
         if proc.get("image_token") not in (None, token):
             raise ConfigError(f"{path / 'processor_config.json'}: image_token={proc['image_token']!r} but "
                               f"config.json's image_token_index {cfg.image_token_index} is {token!r} "
                               "in the tokenizer")
-        return cls(cfg, tokenizer, image_cfg, _read_chat_template(path, proc, tokenizer),
+        return cls(cfg, tokenizer, image_cfg, read_chat_template(path, proc, tokenizer),
                    template=template, image_aspect_ratio=image_aspect_ratio)
 
     # --- images ------------------------------------------------------------------
@@ -217,7 +218,7 @@ class LlavaProcessor:
         texts = None if text is None else [text] if isinstance(text, str) else list(text)
         if texts == []:
             raise ProcessorError("text is an empty list")
-        flat, per_prompt = _flatten_images(images, None if texts is None else len(texts))
+        flat, per_prompt = flatten_images(images, None if texts is None else len(texts))
         out = {}
         if texts is not None:
             rows = [self.tokenize(t) for t in texts]
@@ -382,7 +383,7 @@ def _render_vicuna_v1(messages: list[dict], add_generation_prompt: bool, image_t
     return system + " " + out + ("ASSISTANT:" if add_generation_prompt else "")
 
 
-def _flatten_images(images, n_prompts: int | None) -> tuple[list, list[int] | None]:
+def flatten_images(images, n_prompts: int | None) -> tuple[list, list[int] | None]:
     """images -> (all images in reading order, per-prompt counts if given as one list per prompt)."""
     if images is None:
         return [], None
@@ -397,7 +398,7 @@ def _flatten_images(images, n_prompts: int | None) -> tuple[list, list[int] | No
 
 # --- checkpoint files ------------------------------------------------------------
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
     if not path.is_file():
         return {}
     try:
@@ -406,7 +407,7 @@ def _read_json(path: Path) -> dict:
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
 
 
-def _check_image_tokens(cfg: LlavaConfig, image_cfg: ImageConfig, proc: dict, source: Path) -> None:
+def check_image_tokens(cfg: LlavaConfig, image_cfg: ImageConfig, proc: dict, source: Path) -> None:
     """processor_config.json's patch_size / num_additional_image_tokens must give our count of
     vision-tower tokens: what transformers' LlavaProcessor expands `<image>` to, and what a
     one-token-per-feature projector emits. A token-reducing projector (config.projector_tokens)
@@ -423,11 +424,11 @@ def _check_image_tokens(cfg: LlavaConfig, image_cfg: ImageConfig, proc: dict, so
                           f"but config.json's vision tower gives {cfg.num_vision_tokens}")
 
 
-def _read_chat_template(path: Path, proc: dict, tokenizer) -> str | None:
+def read_chat_template(path: Path, proc: dict, tokenizer) -> str | None:
     """The checkpoint's template, looked for where transformers looks, in its order."""
     template = proc.get("chat_template")
     if template is None and (path / "chat_template.json").is_file():
-        template = _read_json(path / "chat_template.json").get("chat_template")
+        template = read_json(path / "chat_template.json").get("chat_template")
     if template is None and (path / "chat_template.jinja").is_file():
         template = (path / "chat_template.jinja").read_text()
     if template is None:

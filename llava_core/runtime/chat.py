@@ -17,11 +17,15 @@ import torch
 from .decode import SamplingParams, TextStream, decode_loop, seen_tokens
 from ..model.kv_cache import ContextOverflowError
 from ..model.llava import LlavaModel
+from ..model.next_config import LlavaNextConfig
 from ..model.processor import load_image
 
 
 class ChatSession:
     def __init__(self, model: LlavaModel, processor, images=None, max_context: int | None = None):
+        if isinstance(model.cfg, LlavaNextConfig):  # the cache bookkeeping counts num_image_tokens per image
+            raise NotImplementedError("ChatSession does not handle llava_next yet (its image token count "
+                                      "varies per image); use generate() or stream() one turn at a time")
         self.model, self.processor = model, processor
         self.max_context = max_context or model.cfg.text.max_position_embeddings
         self.cache = model.new_cache(1, self.max_context)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from ..model.kv_cache import ContextOverflowError, KVCache
+from ..model.llama import within_window
 
 
 class _SlotWriter:
@@ -38,6 +39,9 @@ def static_step(model, tokens: torch.Tensor, slot: torch.Tensor, cache: KVCache)
     cache.valid.index_fill_(1, slot, True)  # decode tokens are never padding
     k_slot = torch.arange(cache.max_len, device=slot.device)  # (S,)
     mask = (cache.valid & (k_slot <= slot))[:, None, None, :]  # (B, 1, 1, S): written, not future
+    if lm.cfg.sliding_window is not None:  # Mistral: only keys within the window of this position
+        k_pos = cache.valid.long().cumsum(1) - 1  # (B, S)
+        mask = mask & within_window(cache.next_pos[:, None], k_pos, lm.cfg.sliding_window)
     cos, sin = lm.rotary(cache.next_pos[:, None], model.dtype)  # positions (B, 1)
     x = lm.embed_tokens(tokens[:, None])  # (B, 1, C)
     writer = _SlotWriter(cache, slot)

@@ -88,9 +88,11 @@ def sample(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | No
 # --- model steps ----------------------------------------------------------------------
 
 def prefill(model: LlavaModel, input_ids: torch.Tensor, cache: KVCache, pixel_values=None,
-            attention_mask=None, image_features=None) -> torch.Tensor:
-    """Run the prompt through the decoder into the cache -> last-position logits (B, V)."""
-    embeds = model.embed(input_ids, pixel_values, image_features)  # (B, T, C)
+            attention_mask=None, image_features=None, image_sizes=None) -> torch.Tensor:
+    """Run the prompt through the decoder into the cache -> last-position logits (B, V).
+    image_sizes (N, 2): llava_next only, each image's (height, width) from its processor."""
+    sizes = {} if image_sizes is None else {"image_sizes": image_sizes}
+    embeds = model.embed(input_ids, pixel_values, image_features, **sizes)  # (B, T, C)
     hidden = model.language_model(embeds, attention_mask=attention_mask, cache=cache)  # (B, T, C)
     return model.logits(hidden[:, -1])  # (B, V)
 
@@ -142,14 +144,15 @@ def decode_loop(model: LlavaModel, logits: torch.Tensor, cache: KVCache, params:
 @torch.inference_mode()
 def generate_tokens(model: LlavaModel, input_ids: torch.Tensor, params: SamplingParams,
                     eos_token_ids: list[int], pixel_values=None, attention_mask=None,
-                    pad_token_id: int = 0, cuda_graph: bool = True) -> Iterator[torch.Tensor]:
-    """Prefill a (left-padded) batch of prompts, then yield each step's tokens (B,)."""
+                    pad_token_id: int = 0, cuda_graph: bool = True, image_sizes=None) -> Iterator[torch.Tensor]:
+    """Prefill a (left-padded) batch of prompts, then yield each step's tokens (B,).
+    image_sizes: llava_next's (N, 2), as its processor returns it."""
     B, T = input_ids.shape
     cache = model.new_cache(B, T + params.max_new_tokens)
     seen = None
     if params.repetition_penalty != 1.0:
         seen = seen_tokens(input_ids, attention_mask, model.cfg.text.vocab_size)
-    logits = prefill(model, input_ids, cache, pixel_values, attention_mask)
+    logits = prefill(model, input_ids, cache, pixel_values, attention_mask, image_sizes=image_sizes)
     yield from decode_loop(model, logits, cache, params, eos_token_ids, seen, pad_token_id, cuda_graph)
 
 

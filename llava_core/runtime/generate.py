@@ -52,9 +52,9 @@ def _encode(model, processor, prompts, images):
     flat = [im for row in images for im in row]
     enc = processor(text=texts, images=flat or None, return_tensors="pt", padding=True)
     dev = model.device
-    px = enc.get("pixel_values")
+    px, sizes = enc.get("pixel_values"), enc.get("image_sizes")  # image_sizes: llava_next only
     return (enc["input_ids"].to(dev), enc["attention_mask"].to(dev),
-            None if px is None else px.to(dev, model.dtype))
+            None if px is None else px.to(dev, model.dtype), sizes)
 
 
 def generate(model, processor, prompts, images=None, **sampling) -> str | list[str]:
@@ -66,11 +66,12 @@ def generate(model, processor, prompts, images=None, **sampling) -> str | list[s
     repetition_penalty, seed, stop_strings)."""
     single, prompts, images = _as_batch(prompts, images)
     params = SamplingParams(**sampling)
-    ids, mask, px = _encode(model, processor, prompts, images)
+    ids, mask, px, sizes = _encode(model, processor, prompts, images)
     tok = processor.tokenizer
     pad = model.cfg.text.pad_token_id if model.cfg.text.pad_token_id is not None else 0
     rows: list[list[int]] = [[] for _ in prompts]
-    for tokens in generate_tokens(model, ids, params, model.cfg.text.eos_token_ids, px, mask, pad):
+    for tokens in generate_tokens(model, ids, params, model.cfg.text.eos_token_ids, px, mask, pad,
+                                  image_sizes=sizes):
         for r, t in enumerate(tokens.tolist()):
             rows[r].append(t)
     answers = []
@@ -85,6 +86,7 @@ def stream(model, processor, prompt: str, images=None, **sampling) -> Iterator[s
     """Yield the answer to one prompt as text pieces, each final when yielded."""
     _, prompts, images = _as_batch(prompt, images)
     params = SamplingParams(**sampling)
-    ids, mask, px = _encode(model, processor, prompts, images)
+    ids, mask, px, sizes = _encode(model, processor, prompts, images)
     out = TextStream(processor.tokenizer, params.stop_strings)
-    yield from out.follow(generate_tokens(model, ids, params, model.cfg.text.eos_token_ids, px, mask))
+    yield from out.follow(generate_tokens(model, ids, params, model.cfg.text.eos_token_ids, px, mask,
+                                          image_sizes=sizes))
