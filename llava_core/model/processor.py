@@ -37,6 +37,8 @@ VICUNA_V1_SYSTEM = ("A chat between a curious human and an artificial intelligen
                     "The assistant gives helpful, detailed, and polite answers to the human's questions.")
 TEMPLATES = ("checkpoint", "llava15", "vicuna_v1")
 _CLIP_PROCESSORS = {None, "CLIPImageProcessor", "CLIPImageProcessorFast", "CLIPImageProcessorPil"}
+# transformers' LlavaImageProcessor is CLIP's plus `do_pad` (LLaVA-1.5's expand2square, our "pad")
+_LLAVA_PROCESSORS = {"LlavaImageProcessor", "LlavaImageProcessorFast", "LlavaImageProcessorPil"}
 
 
 class ProcessorError(ValueError):
@@ -58,13 +60,15 @@ class ImageConfig:
     image_mean: tuple[float, ...] = OPENAI_CLIP_MEAN
     image_std: tuple[float, ...] = OPENAI_CLIP_STD
     do_convert_rgb: bool = True
+    do_pad: bool = False  # LlavaImageProcessor only: the default for image_aspect_ratio ("pad")
 
     @classmethod
     def from_json(cls, path: Path, image_size: int) -> "ImageConfig":
         d = json.loads(path.read_text()) if path.is_file() else {}
         kind = d.get("image_processor_type")
-        if kind not in _CLIP_PROCESSORS:
-            raise ConfigError(f"{path}: image_processor_type={kind!r} is not supported (CLIPImageProcessor)")
+        if kind not in _CLIP_PROCESSORS | _LLAVA_PROCESSORS:
+            raise ConfigError(f"{path}: image_processor_type={kind!r} is not supported (CLIPImageProcessor, "
+                              "LlavaImageProcessor)")
         size = d.get("size", {"shortest_edge": image_size})
         if isinstance(size, int):
             size = {"shortest_edge": size}
@@ -80,6 +84,7 @@ class ImageConfig:
         out = cls(shortest_edge=shortest, resize_hw=resize_hw, crop_hw=(crop["height"], crop["width"]),
                   **{k: d[k] for k in ("do_resize", "resample", "do_center_crop", "do_rescale",
                                        "rescale_factor", "do_normalize", "do_convert_rgb") if k in d},
+                  do_pad=kind in _LLAVA_PROCESSORS and bool(d.get("do_pad", False)),
                   **{k: tuple(d[k]) for k in ("image_mean", "image_std") if k in d})
         if out.output_hw != (image_size, image_size):
             raise ConfigError(f"{path}: images come out {out.output_hw} (size {size}, crop_size {crop}, "
@@ -125,7 +130,9 @@ class LlavaProcessor:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, template: str | None = None,
-                        image_aspect_ratio: str = "crop") -> "LlavaProcessor":
+                        image_aspect_ratio: str | None = None) -> "LlavaProcessor":
+        """image_aspect_ratio None: "pad" if preprocessor_config.json is a LlavaImageProcessor with
+        do_pad (as `llava-core convert` writes LLaVA-1.5's), else "crop"."""
         from transformers import AutoTokenizer
 
         path = Path(path)
@@ -140,7 +147,7 @@ class LlavaProcessor:
                               f"config.json's image_token_index {cfg.image_token_index} is {token!r} "
                               "in the tokenizer")
         return cls(cfg, tokenizer, image_cfg, _read_chat_template(path, proc, tokenizer),
-                   template=template, image_aspect_ratio=image_aspect_ratio)
+                   template=template, image_aspect_ratio=image_aspect_ratio or ("pad" if image_cfg.do_pad else "crop"))
 
     # --- images ------------------------------------------------------------------
 
