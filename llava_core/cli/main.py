@@ -397,6 +397,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_caption(sub)
     add_eval(sub)
     add_export(sub)
+    from .convert import add_commands as add_convert  # convert
+    add_convert(sub)
     from .probe import add_commands as add_probes  # attention, lens
     add_probes(sub)
     add_train(sub)
