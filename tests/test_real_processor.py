@@ -17,7 +17,8 @@ REAL = Path(os.environ.get("LLAVA_CORE_SHARED", Path(__file__).resolve().parents
 SIZES = [(336, 336), (640, 480), (480, 640), (1000, 120), (37, 51)]  # (width, height)
 PROMPTS = [
     "USER: <image>\nWhat is shown in this picture? ASSISTANT:",
-    "USER: <image>\nDescribe it.\nBe brief: 2-3 words, façade, 日本語, 42.50$ ASSISTANT: A cat.</s>USER: And the colour? ASSISTANT:",
+    "USER: <image>\nDescribe it.\nBe brief: 2-3 words, façade, 日本語, 42.50$ ASSISTANT: A cat.</s>"
+    "USER: And the colour? ASSISTANT:",
     "USER: <image>\n<image>\nCompare the two images. ASSISTANT:",
 ]
 
