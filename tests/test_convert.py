@@ -282,7 +282,8 @@ def test_existing_destination_needs_force(source, tmp_path):
     with pytest.raises(FileExistsError, match="--force"):
         convert_original(src, dst, clip, dtype=torch.float32)
     assert (dst / "config.json").read_text() == "{}"
-    convert_original(src, dst, clip, dtype=torch.float32, overwrite=True)
+    assert cli_main(["convert", str(src), str(dst), "--vision-tower", str(clip), "--dtype", "float32"]) == 1
+    assert cli_main(["convert", str(src), str(dst), "--vision-tower", str(clip), "--dtype", "float32", "--force"]) == 0
     assert LlavaConfig.from_json(dst).text.vocab_size == 448
     assert [p.name for p in tmp_path.iterdir()] == ["dst"]  # no temp or moved-aside folder left
 

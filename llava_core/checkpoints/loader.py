@@ -220,7 +220,7 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | None = None, device: 
     CPU: weight-only int8); see checkpoints/quantize.py."""
     if quantize is not None:
         from .quantize import load_quantized
-        return load_quantized(load_pretrained, path, quantize, dtype, torch.device(device), allow_pickle)
+        return load_quantized(path, quantize, dtype, torch.device(device), allow_pickle)
     folder = Path(path)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: no such checkpoint folder")

@@ -80,9 +80,11 @@ def quantize_bnb(decoder: nn.Module, mode: str, device: torch.device,
     return decoder
 
 
-def load_quantized(load, path: str | Path, quantize: str, dtype: torch.dtype | None, device: torch.device,
+def load_quantized(path: str | Path, quantize: str, dtype: torch.dtype | None, device: torch.device,
                    allow_pickle: bool):
-    """`load_pretrained`'s quantize branch; `load` is load_pretrained itself (without quantize)."""
+    """`load_pretrained(..., quantize=...)`: check, load unquantized, quantize."""
+    from .loader import load_pretrained as load
+
     check_quantize(quantize, device)
     if device.type == "cpu":
         from ..model.quantize import quantize_int8
