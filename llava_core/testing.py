@@ -45,9 +45,11 @@ _CORPUS = [
 ]
 
 
-def make_tokenizer(folder: str | Path, vocab: int = 400) -> tuple[int, int]:
+def make_tokenizer(folder: str | Path, vocab: int = 400, llava_tokens: bool = True) -> tuple[int, int] | None:
     """Train a small BPE sentencepiece tokenizer and save it as a LLaMA tokenizer with
-    `<image>` and `<pad>` appended. Returns (image_token_id, pad_token_id)."""
+    `<image>` and `<pad>` appended. Returns (image_token_id, pad_token_id). With
+    llava_tokens=False it is saved as the original LLaVA repo keeps vicuna's: no `<image>`, no
+    `<pad>`, no chat template (returns None)."""
     import sentencepiece as spm
     from transformers import LlamaTokenizer
 
@@ -62,6 +64,9 @@ def make_tokenizer(folder: str | Path, vocab: int = 400) -> tuple[int, int]:
         src.mkdir()
         shutil.copy(f"{tmp}/tokenizer.model", src / "tokenizer.model")
         tok = LlamaTokenizer.from_pretrained(str(src), legacy=False, add_bos_token=True)
+    if not llava_tokens:
+        tok.save_pretrained(str(folder))
+        return None
     tok.add_tokens(["<image>"], special_tokens=True)
     tok.add_special_tokens({"pad_token": "<pad>"})
     tok.chat_template = LLAVA15_CHAT_TEMPLATE

@@ -164,9 +164,21 @@ def default_dtype(stored: torch.dtype, device: str | torch.device) -> torch.dtyp
 
 
 def load_pretrained(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
-                    allow_pickle: bool = False) -> LlavaModel:
+                    allow_pickle: bool = False, quantize: str | None = None) -> LlavaModel:
     """Build a LlavaModel from a llava-hf checkpoint folder, strictly: every tensor placed, every
-    parameter filled, or one CheckpointError listing what is missing, unexpected or mis-shaped."""
+    parameter filled, or one CheckpointError listing what is missing, unexpected or mis-shaped.
+    quantize "int8" / "nf4": the decoder's projections through bitsandbytes on CUDA (int8 on the
+    CPU: weight-only int8); see checkpoints/quantize.py."""
+    if quantize is not None:
+        from .quantize import check_quantize, quantize_loaded
+
+        device = torch.device(device)
+        check_quantize(quantize, device, dtype)
+        if device.type == "cuda":  # read in fp16 into CPU memory; quantize_loaded moves it
+            model = load_pretrained(path, dtype or torch.float16, "cpu", allow_pickle)
+        else:
+            model = load_pretrained(path, dtype, device, allow_pickle)
+        return quantize_loaded(model, quantize, device, dtype)
     folder = Path(path)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: no such checkpoint folder")

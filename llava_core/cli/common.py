@@ -87,14 +87,15 @@ def load_model(args):
     """(model, processor) for the command's model argument ('default' or a folder)."""
     from ..checkpoints.loader import load_pretrained
     from ..default.cache import resolve_model
-    from ..model.config import LlavaConfig
+    from ..model.next_config import LlavaNextConfig, read_config
     from ..model.processor import LlavaProcessor
+    from ..model.processor_next import LlavaNextProcessor
 
     device = check_device(args.device)
     folder = resolve_model(args.model)
-    LlavaConfig.from_json(folder)  # config errors before the slow load
-
-    processor = LlavaProcessor.from_pretrained(folder, template=args.template)
+    cfg = read_config(folder)  # config errors before the slow load; LLaVA-1.5 or LLaVA-NeXT
+    processor_class = LlavaNextProcessor if isinstance(cfg, LlavaNextConfig) else LlavaProcessor
+    processor = processor_class.from_pretrained(folder, template=args.template)
     model = load_pretrained(folder, dtype=torch_dtype(args.dtype), device=device)
     if getattr(args, "int8", False):
         from ..model.quantize import quantize_int8

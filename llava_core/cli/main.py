@@ -14,7 +14,7 @@ import argparse
 import logging
 import sys
 
-from . import ablate, ask, caption, eval, info, probe, token_order, train
+from . import ablate, ask, caption, convert, eval, info, probe, token_order, train
 from .common import PROG, is_user_error
 
 
@@ -35,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     caption.add_caption(sub)
     eval.add_eval(sub)
     eval.add_export(sub)
+    convert.add_commands(sub)
     probe.add_commands(sub)  # attention, lens
     token_order.add_token_order(sub)
     train.add_train(sub)

@@ -169,6 +169,39 @@ class ProjectorConfig:
         parse_projector(self.kind)  # an unknown name fails here, listing the known ones
 
 
+# --- which config.json is this? -------------------------------------------------------
+
+SUPPORTED_FORMATS = ("llava", "llava_next")  # llava-hf model_type values detect_format accepts
+# The original LLaVA repository (haotian-liu/LLaVA) saves a flat LLaMA/Mistral/MPT config plus
+# top-level mm_* fields; its tower is named, not stored (mm_vision_tower).
+ORIGINAL_MODEL_TYPES = ("llava", "llava_llama", "llava_mistral", "llava_mpt")
+ORIGINAL_FIELDS = ("mm_vision_tower", "mm_projector_type", "mm_hidden_size")
+
+
+def detect_format(d: dict, source: str = "config.json") -> str:
+    """'llava' (llava-hf LLaVA-1.5) or 'llava_next' (llava-hf LLaVA-NeXT), from config.json's
+    model_type; an original-repository config or any other model_type is a ConfigError saying
+    what was found and what to do."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"{source}: expected a JSON object, got {type(d).__name__}")
+    kind = d.get("model_type")
+    nested = "vision_config" in d or "text_config" in d
+    original = [k for k in ORIGINAL_FIELDS if k in d]
+    if original and not nested and kind in ORIGINAL_MODEL_TYPES + (None,):
+        raise ConfigError(
+            f"{source}: an original LLaVA checkpoint (model_type={kind!r}, top-level "
+            f"{', '.join(original)}; no vision_config/text_config), not a llava-hf one. Convert it "
+            "first: llava-core convert SRC DST --vision-tower CLIP_DIR (CLIP_DIR: the CLIP vision "
+            f"folder it names, {d.get('mm_vision_tower', 'mm_vision_tower')!r})")
+    if kind is None:
+        return "llava"  # hand-written or very old llava-hf files may omit it
+    if kind in SUPPORTED_FORMATS:
+        return kind
+    raise ConfigError(f"{source}: model_type={kind!r} is not a LLaVA config llava_core reads; "
+                      f"supported: {', '.join(map(repr, SUPPORTED_FORMATS))} (llava-hf layout), or an "
+                      "original LLaVA checkpoint after `llava-core convert`")
+
+
 @dataclass
 class LlavaConfig:
     MODEL_TYPE: ClassVar[str] = "llava"  # config.json's model_type
@@ -234,8 +267,10 @@ class LlavaConfig:
 
     @classmethod
     def _from_hf_dict(cls, d: dict, source: str) -> "LlavaConfig":
-        if d.get("model_type", cls.MODEL_TYPE) != cls.MODEL_TYPE:
-            raise ConfigError(f"{source}: model_type={d.get('model_type')!r}, expected {cls.MODEL_TYPE!r}")
+        fmt = detect_format(d, source)
+        if fmt != cls.MODEL_TYPE:
+            raise ConfigError(f"{source}: model_type={fmt!r}, expected {cls.MODEL_TYPE!r} "
+                              "(next_config.read_config picks the config class by model_type)")
         vd = dict(d["vision_config"] if d.get("vision_config") is not None else LLAVA_DEFAULT_VISION)
         td = dict(d.get("text_config") or {})
         if vd.get("model_type", "clip_vision_model") not in ("clip_vision_model", "clip"):

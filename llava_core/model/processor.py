@@ -36,7 +36,9 @@ OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 VICUNA_V1_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
                     "The assistant gives helpful, detailed, and polite answers to the human's questions.")
 TEMPLATES = ("checkpoint", "llava15", "vicuna_v1")
-_CLIP_PROCESSORS = {None, "CLIPImageProcessor", "CLIPImageProcessorFast", "CLIPImageProcessorPil"}
+_CLIP_PROCESSORS = frozenset({None, "CLIPImageProcessor", "CLIPImageProcessorFast", "CLIPImageProcessorPil"})
+# transformers' LlavaImageProcessor is CLIP's plus `do_pad` (LLaVA-1.5's expand2square, our "pad")
+_LLAVA_PROCESSORS = frozenset({"LlavaImageProcessor", "LlavaImageProcessorFast", "LlavaImageProcessorPil"})
 
 
 class ProcessorError(ValueError):
@@ -58,14 +60,16 @@ class ImageConfig:
     image_mean: tuple[float, ...] = OPENAI_CLIP_MEAN
     image_std: tuple[float, ...] = OPENAI_CLIP_STD
     do_convert_rgb: bool = True
+    do_pad: bool = False  # LlavaImageProcessor only: the default for image_aspect_ratio ("pad")
 
     @classmethod
-    def from_json(cls, path: Path, image_size: int, kinds: set = _CLIP_PROCESSORS) -> "ImageConfig":
+    def from_json(cls, path: Path, image_size: int, kinds: frozenset = _CLIP_PROCESSORS | _LLAVA_PROCESSORS
+                  ) -> "ImageConfig":
         d = json.loads(path.read_text()) if path.is_file() else {}
         kind = d.get("image_processor_type")
         if kind not in kinds:
-            expected = sorted(k for k in kinds if k)[0]
-            raise ConfigError(f"{path}: image_processor_type={kind!r} is not supported ({expected})")
+            raise ConfigError(f"{path}: image_processor_type={kind!r} is not supported "
+                              f"({', '.join(sorted(k for k in kinds if k))})")
         size = d.get("size", {"shortest_edge": image_size})
         if isinstance(size, int):
             size = {"shortest_edge": size}
@@ -81,6 +85,7 @@ class ImageConfig:
         out = cls(shortest_edge=shortest, resize_hw=resize_hw, crop_hw=(crop["height"], crop["width"]),
                   **{k: d[k] for k in ("do_resize", "resample", "do_center_crop", "do_rescale",
                                        "rescale_factor", "do_normalize", "do_convert_rgb") if k in d},
+                  do_pad=kind in _LLAVA_PROCESSORS and bool(d.get("do_pad", False)),
                   **{k: tuple(d[k]) for k in ("image_mean", "image_std") if k in d})
         if out.output_hw != (image_size, image_size):
             raise ConfigError(f"{path}: images come out {out.output_hw} (size {size}, crop_size {crop}, "
@@ -126,7 +131,9 @@ class LlavaProcessor:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, template: str | None = None,
-                        image_aspect_ratio: str = "crop") -> "LlavaProcessor":
+                        image_aspect_ratio: str | None = None) -> "LlavaProcessor":
+        """image_aspect_ratio None: "pad" if preprocessor_config.json is a LlavaImageProcessor with
+        do_pad (as `llava-core convert` writes LLaVA-1.5's), else "crop"."""
         from transformers import AutoTokenizer
 
         path = Path(path)
@@ -140,8 +147,8 @@ class LlavaProcessor:
             raise ConfigError(f"{path / 'processor_config.json'}: image_token={proc['image_token']!r} but "
                               f"config.json's image_token_index {cfg.image_token_index} is {token!r} "
                               "in the tokenizer")
-        return cls(cfg, tokenizer, image_cfg, read_chat_template(path, proc, tokenizer),
-                   template=template, image_aspect_ratio=image_aspect_ratio)
+        return cls(cfg, tokenizer, image_cfg, read_chat_template(path, proc, tokenizer), template=template,
+                   image_aspect_ratio=image_aspect_ratio or ("pad" if image_cfg.do_pad else "crop"))
 
     # --- images ------------------------------------------------------------------
 
