@@ -163,9 +163,10 @@ def default_dtype(stored: torch.dtype, device: str | torch.device) -> torch.dtyp
 
 
 def load_pretrained(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
-                    allow_pickle: bool = False) -> LlavaModel:
+                    allow_pickle: bool = False, check_finite: bool = True) -> LlavaModel:
     """Build a LlavaModel from a llava-hf checkpoint folder, strictly: every tensor placed, every
-    parameter filled, or one CheckpointError listing what is missing, unexpected or mis-shaped."""
+    parameter filled, or one CheckpointError listing what is missing, unexpected or mis-shaped.
+    check_finite: refuse a tensor holding NaN or inf as it is read (see _check_finite)."""
     folder = Path(path)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: no such checkpoint folder")
@@ -225,6 +226,8 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | None = None, device: 
             loaded[target] = torch.empty(expected[target], dtype=dtype, device=device)
         dest = loaded[target] if part is None else qkv_rows(loaded[target], part)
         _read(read, dest, f, key)
+        if check_finite:
+            _check_finite(dest, f, key)
 
     if tied:  # the module tree still holds lm_head.weight; point it at the embeddings
         loaded["language_model.lm_head.weight"] = loaded["language_model.embed_tokens.weight"]
@@ -248,6 +251,21 @@ def _read(read, dest: torch.Tensor, f: Path, key: str) -> None:
         read(dest)
     except (OSError, RuntimeError) as e:
         raise CheckpointError(f"{f}: cannot read tensor {key!r} ({e})") from None
+
+
+def _check_finite(t: torch.Tensor, f: Path, key: str) -> None:
+    """Refuse a tensor with NaN or inf values, naming it. A sum carries any NaN or inf through and
+    runs at memory speed (an isfinite mask is ~40x slower on CPU); only a non-finite sum (a
+    damaged tensor, or a finite fp16 sum past 65504) pays for the exact count."""
+    if not t.is_floating_point() or bool(t.sum().isfinite()):
+        return
+    bad = ~torch.isfinite(t)
+    n = int(bad.sum())
+    if n:
+        where = tuple(int(i) for i in bad.nonzero()[0])
+        raise CheckpointError(f"{f}: tensor {key!r} holds {n} non-finite value(s) (NaN or inf), the first at "
+                              f"index {list(where)}; the checkpoint is damaged (load_pretrained("
+                              "check_finite=False) loads it anyway)")
 
 
 def _report(folder: Path, missing: list, unexpected: list, mismatched: list, limit: int = 20) -> str:
