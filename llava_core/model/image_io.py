@@ -12,6 +12,7 @@ is, as transformers' image processors take it). An animated file gives its first
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -64,7 +65,10 @@ def open_image_file(path: str | Path) -> Image.Image:
     try:
         if p.is_file() and p.stat().st_size == 0:
             raise ProcessorError(f"{path}: an empty file (0 bytes), not an image")
-        with Image.open(p) as f:
+        with warnings.catch_warnings():  # Pillow warns between 1x and 2x its limit; we refuse instead
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            f = Image.open(p)
+        with f:
             check_image_size(f.size, path)  # before a pixel is decoded
             f.seek(0)  # the first frame of an animation
             f.load()
