@@ -109,5 +109,9 @@ def check_image(path: str):
 
 
 def question_of(args) -> str:
+    from ..model.text_guard import check_utf8
     from ..runtime.generate import task_prompt
+
+    if args.question is not None:  # undecodable argv bytes: refused before the model loads
+        check_utf8(args.question, "the question")
     return task_prompt(args.task, args.question)

@@ -22,9 +22,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from .config import ConfigError, LlavaConfig
+from .image_io import ProcessorError, load_image, resize_then_crop  # noqa: F401 (re-exported)
+from .text_guard import check_messages, check_user_text, check_utf8, load_tokenizer, special_strings
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +41,6 @@ TEMPLATES = ("checkpoint", "llava15", "vicuna_v1")
 _CLIP_PROCESSORS = frozenset({None, "CLIPImageProcessor", "CLIPImageProcessorFast", "CLIPImageProcessorPil"})
 # transformers' LlavaImageProcessor is CLIP's plus `do_pad` (LLaVA-1.5's expand2square, our "pad")
 _LLAVA_PROCESSORS = frozenset({"LlavaImageProcessor", "LlavaImageProcessorFast", "LlavaImageProcessorPil"})
-
-
-class ProcessorError(ValueError):
-    """Prompts, images or a truncation that cannot be turned into model inputs."""
 
 
 @dataclass
@@ -127,6 +125,7 @@ class LlavaProcessor:
             raise ConfigError(f"the tokenizer does not keep image token id {self.image_token_id} "
                               f"({self.image_token!r}) as one token")
         pad = tokenizer.pad_token_id
+        self.special_strings = special_strings(tokenizer)  # refused in user text (text_guard.py)
         self.pad_token_id = pad if pad is not None else cfg.text.pad_token_id
 
     @classmethod
@@ -134,14 +133,12 @@ class LlavaProcessor:
                         image_aspect_ratio: str | None = None) -> "LlavaProcessor":
         """image_aspect_ratio None: "pad" if preprocessor_config.json is a LlavaImageProcessor with
         do_pad (as `llava-core convert` writes LLaVA-1.5's), else "crop"."""
-        from transformers import AutoTokenizer
-
         path = Path(path)
         cfg = LlavaConfig.from_json(path)
         image_cfg = ImageConfig.from_json(path / "preprocessor_config.json", cfg.vision.image_size)
         proc = read_json(path / "processor_config.json")
         check_image_tokens(cfg, image_cfg, proc, path / "processor_config.json")
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        tokenizer = load_tokenizer(path)
         token = tokenizer.convert_ids_to_tokens(cfg.image_token_index)
         if proc.get("image_token") not in (None, token):
             raise ConfigError(f"{path / 'processor_config.json'}: image_token={proc['image_token']!r} but "
@@ -167,7 +164,9 @@ class LlavaProcessor:
         if mode == "pad":
             im = expand_to_square(im, tuple(int(x * 255) for x in c.image_mean))
         if c.do_resize:
-            im = im.resize(resize_size(im.size, c.shortest_edge, c.resize_hw), resample=c.resample)
+            size = resize_size(im.size, c.shortest_edge, c.resize_hw)
+            small = resize_then_crop(im, size, c.crop_hw, c.resample) if c.do_center_crop else None
+            im = small or im.resize(size, resample=c.resample)
         x = np.asarray(im)  # (H, W, 3) uint8
         if c.do_center_crop:
             x = center_crop(x, c.crop_hw)
@@ -182,7 +181,9 @@ class LlavaProcessor:
     # --- text --------------------------------------------------------------------
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """transformers-style messages ({"role", "content": str | [{"type": "image"|"text"}, ...]}) -> prompt."""
+        """transformers-style messages ({"role", "content": str | [{"type": "image"|"text"}, ...]}) -> prompt.
+        Texts holding a special-token string are refused (ProcessorError; text_guard.py)."""
+        check_messages(messages, self.special_strings)
         if self.template == "checkpoint":
             return self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template, tokenize=False,
                                                       add_generation_prompt=add_generation_prompt)
@@ -191,11 +192,13 @@ class LlavaProcessor:
 
     def prompt(self, question: str, n_images: int = 1) -> str:
         """One user turn: n_images images then the question, ready for the answer."""
+        check_user_text(question, self.special_strings, "the question")
         content = [{"type": "image"}] * n_images + [{"type": "text", "text": question}]
         return self.apply_chat_template([{"role": "user", "content": content}])
 
     def tokenize(self, text: str, truncation: bool = False, max_length: int | None = None) -> list[int]:
         """One prompt -> ids with every `<image>` expanded to num_image_tokens image-token ids."""
+        check_utf8(text, "the prompt")
         n = self.cfg.num_image_tokens
         ids = []
         for i in self.tokenizer(text, add_special_tokens=True)["input_ids"]:
@@ -274,48 +277,6 @@ class LlavaProcessor:
 
 
 # --- image helpers ---------------------------------------------------------------
-
-def load_image(image, convert_rgb: bool = True) -> Image.Image:
-    """A PIL image, a file path, or a (H, W[, C]) uint8 / [0, 1] float array -> an RGB PIL image.
-
-    Transparency is composited onto white, as transformers 5 does. The original LLaVA repo's
-    `.convert('RGB')` drops alpha instead, so translucent pixels differ between the two."""
-    if isinstance(image, (str, Path)):
-        try:
-            with Image.open(image) as f:
-                f.load()
-                image = f.copy()
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{image}: no such image file") from None
-        except (UnidentifiedImageError, OSError) as e:
-            raise ProcessorError(f"{image}: not a readable image ({e})") from None
-    elif isinstance(image, np.ndarray):
-        image = _array_to_pil(image)
-    elif not isinstance(image, Image.Image):
-        raise TypeError(f"an image must be a PIL image, a path or a numpy array, got {type(image).__name__}")
-    if not convert_rgb:
-        if image.mode != "RGB":
-            raise ProcessorError(f"a {image.mode} image with do_convert_rgb=false: the vision tower takes RGB")
-        return image
-    if "A" in image.getbands() or "transparency" in image.info:
-        image = image.convert("RGBA")
-        return Image.alpha_composite(Image.new("RGBA", image.size, (255, 255, 255, 255)), image).convert("RGB")
-    return image.convert("RGB")
-
-
-def _array_to_pil(a: np.ndarray) -> Image.Image:
-    if a.ndim == 3 and a.shape[-1] == 1:
-        a = a[..., 0]
-    if not (a.ndim == 2 or (a.ndim == 3 and a.shape[-1] in (3, 4))):
-        raise ProcessorError(f"an image array must be (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), got {a.shape}")
-    if np.issubdtype(a.dtype, np.floating):
-        if a.size and (a.min() < 0 or a.max() > 1):
-            raise ProcessorError(f"a float image array must hold values in [0, 1], got [{a.min()}, {a.max()}]")
-        a = np.round(a * 255)
-    elif a.dtype != np.uint8 and a.size and (a.min() < 0 or a.max() > 255):
-        raise ProcessorError(f"an integer image array must hold values in [0, 255], got [{a.min()}, {a.max()}]")
-    return Image.fromarray(a.astype(np.uint8))
-
 
 def expand_to_square(im: Image.Image, fill: tuple[int, ...]) -> Image.Image:
     """Paste `im` centred on a square canvas of colour `fill` (LLaVA's expand2square)."""

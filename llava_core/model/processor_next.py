@@ -27,7 +27,8 @@ from .anyres import fit_within, padding, select_best_resolution
 from .config import ConfigError
 from .next_config import LlavaNextConfig
 from .processor import (ImageConfig, LlavaProcessor, ProcessorError, check_image_tokens, flatten_images,
-                        read_chat_template, read_json, load_image)
+                        load_image, read_chat_template, read_json)
+from .text_guard import load_tokenizer
 
 _NEXT_PROCESSORS = {None, "LlavaNextImageProcessor", "LlavaNextImageProcessorFast", "LlavaNextImageProcessorPil"}
 
@@ -37,8 +38,6 @@ class LlavaNextProcessor(LlavaProcessor):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, template: str | None = None) -> "LlavaNextProcessor":
-        from transformers import AutoTokenizer
-
         path = Path(path)
         cfg = LlavaNextConfig.from_json(path)
         pre = path / "preprocessor_config.json"
@@ -54,7 +53,7 @@ class LlavaNextProcessor(LlavaProcessor):
                               "tokens for tiles the model does not make")
         proc = read_json(path / "processor_config.json")
         check_image_tokens(cfg, image_cfg, proc, path / "processor_config.json")
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        tokenizer = load_tokenizer(path)
         return cls(cfg, tokenizer, image_cfg, read_chat_template(path, proc, tokenizer), template=template)
 
     # --- images ------------------------------------------------------------------

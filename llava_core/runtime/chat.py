@@ -19,6 +19,7 @@ from ..model.kv_cache import ContextOverflowError
 from ..model.llava import LlavaModel
 from ..model.next_config import LlavaNextConfig
 from ..model.processor import load_image
+from ..model.text_guard import check_messages
 
 
 class ChatSession:
@@ -27,7 +28,10 @@ class ChatSession:
             raise NotImplementedError("ChatSession does not handle llava_next yet (its image token count "
                                       "varies per image); use generate() or stream() one turn at a time")
         self.model, self.processor = model, processor
-        self.max_context = max_context or model.cfg.text.max_position_embeddings
+        limit = model.cfg.text.max_position_embeddings
+        if max_context is not None and not 1 < max_context <= limit:
+            raise ValueError(f"max_context={max_context}: must be in 2..{limit}, the model's context")
+        self.max_context = max_context or limit
         self.cache = model.new_cache(1, self.max_context)
         self.cached_ids: list[int] = []  # the token ids whose keys/values the cache holds
         self.messages: list[dict] = []  # transformers-style chat messages
@@ -53,6 +57,7 @@ class ChatSession:
         if image is not None:
             self.add_image(image)
         content = [{"type": "image"} for _ in self.pending] + [{"type": "text", "text": text}]
+        check_messages([{"role": "user", "content": content}], getattr(self.processor, "special_strings", ()))
         self.messages.append({"role": "user", "content": content})
         self.images += self.pending
         self.pending = []

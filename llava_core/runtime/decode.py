@@ -8,13 +8,18 @@ padding and each row's rotary position, so every row decodes as if it were alone
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import logging
+import math
+import numbers
+from dataclasses import dataclass, field, replace
 from typing import Iterator
 
 import torch
 
-from ..model.kv_cache import KVCache
+from ..model.kv_cache import ContextOverflowError, KVCache
 from ..model.llava import LlavaModel
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -28,6 +33,12 @@ class SamplingParams:
     stop_strings: list[str] = field(default_factory=list)
 
     def __post_init__(self):
+        for name in ("max_new_tokens", "top_k"):
+            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), numbers.Integral):
+                raise ValueError(f"{name}={getattr(self, name)!r}: must be an integer")
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            if not isinstance(getattr(self, name), numbers.Real) or not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name}={getattr(self, name)!r}: must be a finite number")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={self.max_new_tokens}: must be >= 1")
         if self.temperature < 0:
@@ -148,12 +159,28 @@ def generate_tokens(model: LlavaModel, input_ids: torch.Tensor, params: Sampling
     """Prefill a (left-padded) batch of prompts, then yield each step's tokens (B,).
     image_sizes: llava_next's (N, 2), as its processor returns it."""
     B, T = input_ids.shape
+    params = fit_context(T, params, model.cfg.text.max_position_embeddings)
     cache = model.new_cache(B, T + params.max_new_tokens)
     seen = None
     if params.repetition_penalty != 1.0:
         seen = seen_tokens(input_ids, attention_mask, model.cfg.text.vocab_size)
     logits = prefill(model, input_ids, cache, pixel_values, attention_mask, image_sizes=image_sizes)
     yield from decode_loop(model, logits, cache, params, eos_token_ids, seen, pad_token_id, cuda_graph)
+
+
+def fit_context(n_prompt: int, params: SamplingParams, context: int) -> SamplingParams:
+    """Refuse a prompt that leaves no room for one new token in the model's context; cap
+    max_new_tokens to the room left (with a warning), so the cache never outgrows the context."""
+    if n_prompt + 1 > context:
+        raise ContextOverflowError(
+            f"the prompt is {n_prompt} tokens (image tokens included) but the model's context is {context}: "
+            f"at most {context - 1} leave room for an answer; shorten the text or use fewer images")
+    room = context - n_prompt
+    if params.max_new_tokens > room:
+        log.warning("max_new_tokens=%d capped to %d: the prompt's %d tokens and the answer fill the "
+                    "model's context of %d; the answer stops there", params.max_new_tokens, room, n_prompt, context)
+        params = replace(params, max_new_tokens=room)
+    return params
 
 
 def find_stop(text: str, stop_strings: list[str]) -> int:
