@@ -307,6 +307,7 @@ class BatchEngine:
         hidden = self.model.language_model(embeds, attention_mask=busy, cache=c)  # (B, 1, C)
         logits = self.model.logits(hidden[:, -1])  # (B, V)
         self.stats["steps"] += 1
+        self.stats["max_active"] = max(self.stats["max_active"], self.active)
         greedy = logits.float().argmax(-1).tolist()  # (B,): one call for every greedy row
         for i, row in enumerate(self.rows):
             if row is None:
