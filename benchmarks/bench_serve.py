@@ -1,7 +1,8 @@
 """`llava-core serve` under load: requests/s, generated tokens/s and time to first token for 1 and 8
 concurrent clients, with continuous batching on (--max-batch 8) and off (--max-batch 1: one
 request at a time through the same server and engine). Each client streams its requests one
-after another over HTTP on loopback (an image and a question each, greedy, max_tokens fixed).
+after another over HTTP on loopback (an image and a question each, greedy, exactly max_tokens
+tokens each: `ignore_eos`, since the default model's answers are a few words).
 
     PYTHONPATH=. python benchmarks/bench_serve.py [--model default] [--clients 1 8] [--requests 2]
         [--max-tokens 32] [--threads 2]
@@ -41,6 +42,7 @@ def picture(i: int) -> str:
 def one_request(url: str, i: int, max_tokens: int) -> tuple[float, float, int]:
     """-> (seconds to the first content, seconds in all, completion tokens)."""
     body = {"model": "m", "stream": True, "max_tokens": max_tokens, "stream_options": {"include_usage": True},
+            "ignore_eos": True,  # every request does the same work: max_tokens tokens
             "messages": [{"role": "user", "content": [
                 {"type": "image_url", "image_url": {"url": picture(i)}},
                 {"type": "text", "text": QUESTIONS[i % len(QUESTIONS)]}]}]}

@@ -73,6 +73,7 @@ def test_joining_requests_match_one_at_a_time(model, processor):
     run_until_done(engine, first + late)
     assert engine.stats["prefills"] == 5 and engine.active == 0
     assert engine.stats["shifts"] >= 1  # a longer prompt joined mid-decode
+    assert engine.stats["resizes"] >= 2 and engine.stats["max_active"] == 4  # widened 1 -> 2 -> 4 while decoding
     for j in first + late:
         assert j.output_ids == alone(model, j)
         assert j.finish_reason in ("stop", "length")

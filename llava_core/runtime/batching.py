@@ -6,7 +6,9 @@ left-padded, `valid` marks real slots, `next_pos` holds each row's next rotary p
 over; each step
 1. runs the calls queued with `call()` (the attention probe: nothing else runs meanwhile);
 2. frees the rows of cancelled requests (a client that went away);
-3. admits one waiting request, if a row is free: its prompt is prefilled ALONE into a 1-row
+3. admits one waiting request, if a row is free (the cache widens, by powers of two up to
+   `max_batch`, when all its rows are busy, and narrows again as rows free up, so a step
+   costs what its busy rows need): its prompt is prefilled ALONE into a 1-row
    cache (reusing a cached prefix when one matches: prefix_cache.py), its first token sampled
    and sent, then its keys/values are spliced into the free row, right-aligned so they end at
    the batch's current `length`. A prompt longer than `length` first shifts every row right
@@ -62,6 +64,7 @@ class Job:
     pixel_values: torch.Tensor | None = None  # (N, 3, H, W): the prompt's images in order
     image_keys: tuple[str, ...] = ()  # digests of those images (image_digest), for the prefix cache
     on_event: Callable[[Event], None] | None = None
+    ignore_eos: bool = False  # run to max_new_tokens (benchmarks: a fixed amount of work per request)
     # filled in by the engine
     output_ids: list[int] = field(default_factory=list)  # sampled tokens, EOS excluded
     finish_reason: str | None = None
@@ -91,8 +94,9 @@ class BatchEngine:
         self.model, self.tokenizer = model, tokenizer
         cfg = model.cfg
         self.max_len = min(max_len or cfg.text.max_position_embeddings, cfg.text.max_position_embeddings)
-        self.cache = model.new_cache(max_batch, self.max_len)
-        self.rows: list[_Row | None] = [None] * max_batch
+        self._max_batch = max_batch
+        self.cache = model.new_cache(1, self.max_len)  # grows and shrinks with the load: _fit
+        self.rows: list[_Row | None] = [None]
         self.eos = set(cfg.text.eos_token_ids)
         self.pad = cfg.text.pad_token_id if cfg.text.pad_token_id is not None else 0
         self.prefixes = PrefixCache(prefix_entries, cfg.image_token_index, cfg.num_image_tokens)
@@ -107,7 +111,7 @@ class BatchEngine:
 
     @property
     def max_batch(self) -> int:
-        return len(self.rows)
+        return self._max_batch
 
     @property
     def active(self) -> int:
@@ -212,6 +216,8 @@ class BatchEngine:
                 self._finish(i, row, "cancelled")
 
     def _admit(self) -> bool:
+        if self._waiting and self.active == len(self.rows) < self.max_batch:
+            self._fit(self.active + 1)
         free = next((i for i, r in enumerate(self.rows) if r is None), None)
         with self._wake:
             while self._waiting and self._waiting[0].cancelled:
@@ -319,13 +325,39 @@ class BatchEngine:
                 self._finish(i, row, row.job.finish_reason)
         if not self.active:
             self._reset()
+        if self.active <= len(self.rows) // 4:  # not at // 2: a join right after would widen it again
+            self._fit(self.active)
+
+    def _fit(self, need: int) -> None:
+        """Give the batch cache the smallest width (a power of two, at most max_batch) that holds
+        `need` rows, busy rows packed first: a step costs what its rows need, not max_batch."""
+        width = 1
+        while width < need:
+            width *= 2
+        width = min(width, self.max_batch)
+        if width == len(self.rows):
+            return
+        c, L = self.cache, self.cache.length
+        busy = [i for i, r in enumerate(self.rows) if r is not None]
+        new = self.model.new_cache(width, self.max_len)
+        if busy:
+            idx = torch.tensor(busy, device=c.valid.device)
+            n = len(busy)
+            new.k[:, :n, :, :L] = c.k[:, idx, :, :L]  # (layers, n, Hkv, L, D)
+            new.v[:, :n, :, :L] = c.v[:, idx, :, :L]
+            new.valid[:n, :L] = c.valid[idx, :L]
+            new.next_pos[:n] = c.next_pos[idx]
+        new.length = L
+        self.cache = new
+        self.rows = [self.rows[i] for i in busy] + [None] * (width - len(busy))
+        self.stats["resizes"] += 1
 
     def _take(self, row: _Row, token: int) -> bool:
         """Record a sampled token and send its text; True when the job is done (finish_reason set)."""
         job = row.job
         row.last = token
         self.stats["tokens"] += 1
-        if token in self.eos:
+        if token in self.eos and not job.ignore_eos:
             job.finish_reason = "stop"
             self._send(job, Event(row.text.finish(), "stop"))
             return True

@@ -75,7 +75,8 @@ def create_app(engine: BatchEngine, processor, *, model_name: str = "llava-core"
             raise APIError(str(e), param="messages") from None
         max_new = settle_max_tokens(req, len(ids), limits)
         keys = () if px is None else tuple(image_digest(p) for p in px)
-        return req, Job(ids, SamplingParams(max_new_tokens=max_new, **req.sampling), px, keys)
+        return req, Job(ids, SamplingParams(max_new_tokens=max_new, **req.sampling), px, keys,
+                        ignore_eos=req.ignore_eos)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):

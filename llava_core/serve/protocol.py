@@ -41,6 +41,7 @@ class ChatRequest:
     max_tokens: int | None = None  # as asked
     stream: bool = False
     include_usage: bool = False
+    ignore_eos: bool = False  # an extension (vLLM's name): generate max_tokens whatever comes
 
 
 def _is_int(x) -> bool:
@@ -91,6 +92,10 @@ def parse_chat(body: object, limits: Limits, load_image) -> ChatRequest:
                            param=name, code="max_tokens_too_large")
         req.max_tokens = m
         break
+    ignore_eos = body.get("ignore_eos", False)
+    if not isinstance(ignore_eos, bool):
+        raise APIError("ignore_eos must be true or false", param="ignore_eos")
+    req.ignore_eos = ignore_eos
     stream = body.get("stream", False)
     if stream is not None and not isinstance(stream, bool):
         raise APIError("stream must be true or false", param="stream")
