@@ -145,11 +145,23 @@ def test_a_client_that_leaves_mid_stream_frees_its_row(stack):
         for line in r.iter_lines():  # the role chunk, then the first words
             if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
                 break
-        assert engine.active == 1
+        assert engine.active == 1, dict(engine.stats)
     end = time.monotonic() + 10
     while (engine.active or engine.stats["cancelled"] == cancelled) and time.monotonic() < end:
         time.sleep(0.02)
-    assert engine.active == 0 and engine.stats["cancelled"] == cancelled + 1
+    assert engine.active == 0 and engine.stats["cancelled"] == cancelled + 1, dict(engine.stats)
+
+
+def test_a_client_that_drops_a_plain_request_frees_its_row(stack):
+    engine = stack["engine"]
+    cancelled = engine.stats["cancelled"]
+    body = {"model": "tiny", "messages": ask("Describe the picture."), "max_tokens": 1800}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(stack["url"] + "/v1/chat/completions", json=body, timeout=httpx.Timeout(30, read=0.3))
+    end = time.monotonic() + 10
+    while (engine.active or engine.stats["cancelled"] == cancelled) and time.monotonic() < end:
+        time.sleep(0.02)
+    assert engine.active == 0 and engine.stats["cancelled"] == cancelled + 1, dict(engine.stats)
 
 
 def raw(stack, body=None, content=None, url=None, headers=None):

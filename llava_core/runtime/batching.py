@@ -230,9 +230,10 @@ class BatchEngine:
             p = job.params
             gen = None if p.seed is None else torch.Generator(device=logits.device).manual_seed(p.seed)
             row = _Row(job, TextStream(self.tokenizer, p.stop_strings), gen, last=-1, fed=list(job.prompt_ids))
-            if not self._take(row, int(sample(logits, p, None, gen)[0])):
-                self._splice(free, one)
-                self.rows[free] = row
+            self._splice(free, one)
+            self.rows[free] = row  # placed before its first token is sent: a listener sees it active
+            if self._take(row, int(sample(logits, p, None, gen)[0])):
+                self._finish(free, row, job.finish_reason)
         except Exception as e:
             log.warning("request failed at prefill: %s", e)
             job.finish_reason = "error"

@@ -93,20 +93,25 @@ def create_app(engine: BatchEngine, processor, *, model_name: str = "llava-core"
         if req.stream:
             return StreamingResponse(_sse(engine, job, queue, head, req.include_usage), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        getter, looked = None, time.monotonic()
         try:
-            while True:
-                try:
-                    ev = await asyncio.wait_for(queue.get(), 0.5)
-                except asyncio.TimeoutError:
+            while True:  # wait for the last event, looking every 0.5 s whether the client is still there
+                getter = getter or asyncio.ensure_future(queue.get())
+                done, _ = await asyncio.wait({getter}, timeout=0.5)  # (wait_for could drop an event)
+                if time.monotonic() - looked >= 0.5:
+                    looked = time.monotonic()
                     if await request.is_disconnected():
-                        engine.cancel(job)
                         return JSONResponse(APIError("client closed the request", 499).body(), 499)
+                if not done:
                     continue
+                ev, getter = getter.result(), None
                 if ev.error:
                     raise APIError(ev.error, 500, "server_error")
                 if ev.finish_reason:
                     break
         finally:
+            if getter is not None:
+                getter.cancel()
             if job.finish_reason is None:
                 engine.cancel(job)
         # the whole answer decoded at once, as `generate` does (pieces of broken UTF-8 may differ)
