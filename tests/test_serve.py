@@ -219,6 +219,7 @@ def test_every_limit_is_a_4xx_in_openai_shape(stack):
     ({"messages": ask("hi", "data:image/png;base64,bm90IGFuIGltYWdl")}, "messages[0].content[1].image_url.url"),
     ({"messages": ask("hi", "data:image/png;base64,@@@")}, "messages[0].content[1].image_url.url"),
     ({"messages": ask("hi", "http://example.com/cat.png")}, "messages[0].content[1].image_url.url"),
+    ({"messages": [{"role": "user", "content": "what is <image> here?"}]}, "messages"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": 3}},
                                                 {"type": "text", "text": "hi"}]}]}, None),
 ])

@@ -73,6 +73,10 @@ def create_app(engine: BatchEngine, processor, *, model_name: str = "llava-core"
             px = processor.preprocess(req.images) if req.images else None
         except ValueError as e:  # the processor's own refusals (templates, images)
             raise APIError(str(e), param="messages") from None
+        per_image = engine.model.cfg.num_image_tokens
+        if ids.count(processor.image_token_id) != per_image * len(req.images):
+            raise APIError(f"the text holds the image placeholder {processor.image_token!r}: write it otherwise "
+                           "and send images as image_url parts", param="messages", code="invalid_text")
         max_new = settle_max_tokens(req, len(ids), limits)
         keys = () if px is None else tuple(image_digest(p) for p in px)
         return req, Job(ids, SamplingParams(max_new_tokens=max_new, **req.sampling), px, keys,
