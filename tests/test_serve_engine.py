@@ -28,12 +28,12 @@ def image(seed, size=(300, 200)):
     return Image.fromarray(torch.randint(0, 256, (size[1], size[0], 3), generator=g, dtype=torch.uint8).numpy())
 
 
-def make_job(processor, question, images=(), **sampling):
+def make_job(processor, question, images=(), ignore_eos=False, **sampling):
     content = [{"type": "image"} for _ in images] + [{"type": "text", "text": question}]
     ids = processor.tokenize(processor.apply_chat_template([{"role": "user", "content": content}]))
     px = processor.preprocess(list(images)) if images else None
     keys = tuple(image_digest(p) for p in px) if px is not None else ()
-    return Job(ids, SamplingParams(**sampling), px, keys)
+    return Job(ids, SamplingParams(**sampling), px, keys, ignore_eos=ignore_eos)
 
 
 def alone(model, job):
@@ -168,3 +168,19 @@ def test_the_thread_serves_calls_between_steps(model, processor):
         assert "".join(e.text for e in got) == processor.tokenizer.decode(job.output_ids, skip_special_tokens=True)
     finally:
         engine.stop()
+
+
+def test_stopping_tells_every_job_why(model, processor):
+    engine = BatchEngine(model, processor.tokenizer, max_batch=1).start()
+    running, waiting = (make_job(processor, "Describe the picture.", max_new_tokens=1000, ignore_eos=True)
+                        for _ in range(2))
+    heard = {}
+    for name, job in (("running", running), ("waiting", waiting)):
+        job.on_event = lambda e, name=name: e.finish_reason and heard.setdefault(name, e.finish_reason)
+        engine.submit(job)
+    for _ in range(500):
+        if running.output_ids:
+            break
+        __import__("time").sleep(0.01)
+    engine.stop()
+    assert heard == {"running": "cancelled", "waiting": "cancelled"} and engine.active == 0

@@ -172,8 +172,15 @@ class BatchEngine:
                 while not (self._stopping or self._waiting or self._calls or self.active):
                     self._wake.wait()
                 if self._stopping:
-                    return
+                    break
             self.step()
+        for job in [r.job for r in self.rows if r is not None] + list(self._waiting):  # they hear why
+            job.finish_reason = "cancelled"
+            self._send(job, Event(finish_reason="cancelled", error="the server is stopping"))
+        self._waiting.clear()
+        self.rows = [None] * len(self.rows)
+        with torch.inference_mode():  # the cache's tensors were made under it
+            self._reset()
 
     # --- the engine's side (its thread) ------------------------------------------------
 
@@ -235,7 +242,10 @@ class BatchEngine:
             if self._take(row, int(sample(logits, p, None, gen)[0])):
                 self._finish(free, row, job.finish_reason)
         except Exception as e:
-            log.warning("request failed at prefill: %s", e)
+            log.warning("request failed at admission: %s", e)
+            if self.rows[free] is not None and self.rows[free].job is job:
+                self.rows[free] = None
+            self.cache.valid[free] = False
             job.finish_reason = "error"
             self._send(job, Event(finish_reason="error", error=str(e)))
         return True
