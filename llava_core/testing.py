@@ -183,3 +183,11 @@ def make_tiny_next_checkpoint(folder: str | Path, *, seed: int = 0, text: dict |
         "num_additional_image_tokens": 1, "image_token": "<image>"}, indent=2))
     (folder / "chat_template.json").write_text(json.dumps({"chat_template": chat_template or LLAVA15_CHAT_TEMPLATE}))
     return folder
+
+
+def random_image(seed: int, size: tuple[int, int] = (300, 200)):
+    """A (width, height) RGB PIL image of seeded uniform noise."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(seed)
+    return Image.fromarray(torch.randint(0, 256, (size[1], size[0], 3), generator=g, dtype=torch.uint8).numpy())

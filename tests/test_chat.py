@@ -2,30 +2,16 @@
 
 import pytest
 import torch
-from PIL import Image
 
 from llava_core.runtime.generate import generate
 from llava_core.runtime.chat import ChatSession
 from llava_core.model.kv_cache import ContextOverflowError
-from llava_core.checkpoints.loader import load_pretrained
-from llava_core.model.processor import LlavaProcessor
+from llava_core.testing import random_image
 
 TOL = 1e-4  # fp32
 
 
-@pytest.fixture(scope="module")
-def model(tiny_ckpt):
-    return load_pretrained(tiny_ckpt)
-
-
-@pytest.fixture(scope="module")
-def processor(tiny_ckpt):
-    return LlavaProcessor.from_pretrained(tiny_ckpt)
-
-
-def image(seed, size=(300, 200)):
-    g = torch.Generator().manual_seed(seed)
-    return Image.fromarray(torch.randint(0, 256, (size[1], size[0], 3), generator=g, dtype=torch.uint8).numpy())
+image = random_image
 
 
 def full_logits(model, processor, session):

@@ -4,28 +4,14 @@ get exactly the tokens `generate` gives each of them alone (greedy, and seeded s
 
 import pytest
 import torch
-from PIL import Image
 
-from llava_core.checkpoints.loader import load_pretrained
 from llava_core.model.kv_cache import ContextOverflowError
-from llava_core.model.processor import LlavaProcessor
 from llava_core.runtime.batching import BatchEngine, Job, image_digest
 from llava_core.runtime.decode import SamplingParams, generate_tokens
+from llava_core.testing import random_image
 
 
-@pytest.fixture(scope="module")
-def model(tiny_ckpt):
-    return load_pretrained(tiny_ckpt)
-
-
-@pytest.fixture(scope="module")
-def processor(tiny_ckpt):
-    return LlavaProcessor.from_pretrained(tiny_ckpt)
-
-
-def image(seed, size=(300, 200)):
-    g = torch.Generator().manual_seed(seed)
-    return Image.fromarray(torch.randint(0, 256, (size[1], size[0], 3), generator=g, dtype=torch.uint8).numpy())
+image = random_image
 
 
 def make_job(processor, question, images=(), ignore_eos=False, **sampling):
