@@ -107,6 +107,19 @@ def test_nan_weight_is_refused_naming_key_and_file(ckpt_copy, capsys):  # row 4
     one_line(rc, err, "non-finite")
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_finite_check_has_no_false_alarm_and_no_miss(dtype, tmp_path):  # row 4 (each dtype path)
+    from llava_core.checkpoints.loader import _check_finite
+
+    big = torch.full((64, 64), 60000.0, dtype=dtype)  # finite, but its sum overflows fp16
+    _check_finite(big, tmp_path / "f", "k")
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        t = torch.zeros(8, 8, dtype=dtype)
+        t[2, 7] = bad
+        with pytest.raises(CheckpointError, match=r"tensor 'k' holds 1 non-finite value\(s\) .* index \[2, 7\]"):
+            _check_finite(t, tmp_path / "f", "k")
+
+
 def test_config_of_another_format(ckpt_copy, capsys):  # row 5
     cfg = json.loads((ckpt_copy / "config.json").read_text())
     cfg["model_type"] = "qwen2_vl"
