@@ -191,3 +191,16 @@ def random_image(seed: int, size: tuple[int, int] = (300, 200)):
 
     g = torch.Generator().manual_seed(seed)
     return Image.fromarray(torch.randint(0, 256, (size[1], size[0], 3), generator=g, dtype=torch.uint8).numpy())
+
+
+# A Mistral-instruct chat template ([INST] ... [/INST]) as bakLlava / llava-v1.6-mistral checkpoints
+# carry one, for tests that check a checkpoint's own template is used as it is.
+MISTRAL_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}{{ '[INST] ' }}"
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}{{ '<image>\n' }}{% endif %}{% endfor %}"
+    "{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}"
+    "{{ ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ ' ' + message['content'][0]['text'] + '</s>' }}{% endif %}"
+    "{% endfor %}"
+)

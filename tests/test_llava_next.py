@@ -23,7 +23,7 @@ from llava_core.model.next_config import LlavaNextConfig, read_config
 from llava_core.model.processor_next import LlavaNextProcessor
 from llava_core.runtime.decode import SamplingParams, generate_tokens
 from llava_core.runtime.generate import generate
-from llava_core.testing import make_tiny_next_checkpoint, to_hub_layout
+from llava_core.testing import MISTRAL_TEMPLATE, make_tiny_next_checkpoint, to_hub_layout
 
 # (height, width): landscape, portrait, square, tiny, one-pixel strips, a large photo-like shape
 SIZES = [(40, 90), (90, 40), (50, 50), (7, 5), (1, 64), (64, 1), (33, 64), (200, 31), (480, 640)]
@@ -246,15 +246,6 @@ def test_missing_newline_is_named(tmp_path, next_ckpt):
 
 # --- NeXT + Mistral, with a Mistral chat template from the checkpoint --------------------
 
-MISTRAL_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] == 'user' %}{{ '[INST] ' }}"
-    "{% for item in message['content'] %}{% if item['type'] == 'image' %}{{ '<image>\n' }}{% endif %}{% endfor %}"
-    "{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}"
-    "{{ ' [/INST]' }}"
-    "{% elif message['role'] == 'assistant' %}{{ ' ' + message['content'][0]['text'] + '</s>' }}{% endif %}"
-    "{% endfor %}"
-)
 
 
 def test_next_mistral_with_mistral_template(tmp_path):

@@ -17,17 +17,8 @@ from llava_core.model.llama import LlamaDecoder
 from llava_core.model.processor import LlavaProcessor
 from llava_core.runtime.cuda_graph import static_step
 from llava_core.runtime.decode import SamplingParams, decode_one, generate_tokens, prefill
-from llava_core.testing import make_tiny_checkpoint
+from llava_core.testing import MISTRAL_TEMPLATE, make_tiny_checkpoint
 
-MISTRAL_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] == 'user' %}{{ '[INST] ' }}"
-    "{% for item in message['content'] %}{% if item['type'] == 'image' %}{{ '<image>\n' }}{% endif %}{% endfor %}"
-    "{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}"
-    "{{ ' [/INST]' }}"
-    "{% elif message['role'] == 'assistant' %}{{ ' ' + message['content'][0]['text'] + '</s>' }}{% endif %}"
-    "{% endfor %}"
-)
 
 
 @pytest.fixture(scope="module")
