@@ -217,18 +217,24 @@ class LlavaProcessor:
                                  f"({self.cfg.num_image_tokens} per image); raise max_length or shorten the text")
         return ids[-max_length:] if left else ids[:max_length]
 
-    def __call__(self, text: str | list[str] | None = None, images=None, return_tensors: str | None = "pt",
-                 padding: bool | str = True, truncation: bool = False, max_length: int | None = None) -> dict:
-        """Prompts and their images -> input_ids (B, T), attention_mask (B, T), pixel_values (N, 3, H, W).
-
-        `images` lists the images of all prompts in reading order (or one list per prompt); each
-        prompt's `<image>` placeholders take them in turn. Batches are padded on the LEFT."""
+    def _call_inputs(self, text, images, return_tensors) -> tuple[list[str] | None, list, list[int] | None]:
+        """__call__'s arguments checked: (prompts or None, all images in reading order, images per
+        prompt or None). NeXT's processor shares it."""
         if return_tensors not in ("pt", None):
             raise ValueError(f"return_tensors={return_tensors!r}: expected 'pt' or None")
         texts = None if text is None else [text] if isinstance(text, str) else list(text)
         if texts == []:
             raise ProcessorError("text is an empty list")
         flat, per_prompt = flatten_images(images, None if texts is None else len(texts))
+        return texts, flat, per_prompt
+
+    def __call__(self, text: str | list[str] | None = None, images=None, return_tensors: str | None = "pt",
+                 padding: bool | str = True, truncation: bool = False, max_length: int | None = None) -> dict:
+        """Prompts and their images -> input_ids (B, T), attention_mask (B, T), pixel_values (N, 3, H, W).
+
+        `images` lists the images of all prompts in reading order (or one list per prompt); each
+        prompt's `<image>` placeholders take them in turn. Batches are padded on the LEFT."""
+        texts, flat, per_prompt = self._call_inputs(text, images, return_tensors)
         out = {}
         if texts is not None:
             rows = [self.tokenize(t) for t in texts]

@@ -26,7 +26,7 @@ from PIL import Image
 from .anyres import fit_within, padding, select_best_resolution
 from .config import ConfigError
 from .next_config import LlavaNextConfig
-from .processor import (ImageConfig, LlavaProcessor, ProcessorError, check_image_tokens, flatten_images,
+from .processor import (ImageConfig, LlavaProcessor, ProcessorError, check_image_tokens,
                         load_image, read_chat_template, read_json)
 from .text_guard import load_tokenizer
 
@@ -111,12 +111,7 @@ class LlavaNextProcessor(LlavaProcessor):
         """Prompts and their images -> input_ids (B, T), attention_mask (B, T), pixel_values
         (N, P, 3, S, S), image_sizes (N, 2). Images in reading order (or one list per prompt);
         batches padded on the LEFT."""
-        if return_tensors not in ("pt", None):
-            raise ValueError(f"return_tensors={return_tensors!r}: expected 'pt' or None")
-        texts = None if text is None else [text] if isinstance(text, str) else list(text)
-        if texts == []:
-            raise ProcessorError("text is an empty list")
-        flat, per_prompt = flatten_images(images, None if texts is None else len(texts))
+        texts, flat, per_prompt = self._call_inputs(text, images, return_tensors)
         out = {}
         if flat:
             out["pixel_values"], out["image_sizes"] = self.preprocess(flat)
