@@ -47,8 +47,39 @@ def _rand(g, *shape, dtype=torch.float32):
     return torch.randn(*shape, generator=g).to(dtype)
 
 
+@pytest.fixture(params=["avx512", "avx2"])
+def isa(request):
+    """The batch products' instruction set: AVX-512 (skipped where the CPU lacks it), then AVX2."""
+    on = cpu_kernels.allow_avx512(request.param == "avx512")
+    if request.param == "avx512" and not on:
+        pytest.skip("this CPU has no AVX-512")
+    yield request.param
+    cpu_kernels.allow_avx512(True)
+
+
+@pytest.mark.parametrize("K", [96, 83])  # a multiple of the 16-wide steps, and not
+@pytest.mark.parametrize("wtype", ["fp32", "bf16", "int8"])
+def test_batch_products_of_every_width_match_an_fp32_reference(wtype, K, isa):
+    """1 to 9 inputs at once (tiles of 4 or 2 inputs and every remainder) through 10 rows (two
+    blocks of four and a tail of two): each sum within fp32 order noise of torch's fp32 product."""
+    g = torch.Generator().manual_seed(K)
+    w = _rand(g, 10, K)
+    scales = []
+    if wtype == "int8":
+        w, s = (w * 40).round().clamp(-127, 127).to(torch.int8), torch.rand(10, generator=g) + 0.5
+        scales, dense = [s], w.float() * s[:, None]
+    else:
+        w = w.to(torch.bfloat16 if wtype == "bf16" else torch.float32)
+        dense = w.float()
+    for M in range(1, 10):
+        x = _rand(g, M, K)
+        (y,) = cpu_kernels._module().gemv(x, [w], scales, False)
+        ref = torch.nn.functional.linear(x, dense)
+        assert ((y - ref).abs() <= 1e-5 * (x.abs() @ dense.abs().T).clamp(min=1)).all(), (M, wtype, K)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gemv_of_several_weights_and_swiglu_match_torch(dtype):
+def test_gemv_of_several_weights_and_swiglu_match_torch(dtype, isa):
     g = torch.Generator().manual_seed(1)
     x = _rand(g, 3, 75, dtype=dtype)  # K = 75: not a multiple of the 16-wide inner loop
     ws = [_rand(g, n, 75, dtype=dtype) for n in (13, 6, 6)]  # rows not a multiple of 4 either
@@ -100,7 +131,7 @@ def _decode(dec, dtype, steps, kernels: bool, monkeypatch, padded: bool = False)
 
 @pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_decode_layers_equals_the_torch_path(dtype, padded, monkeypatch):
+def test_decode_layers_equals_the_torch_path(dtype, padded, monkeypatch, isa):
     """Five decode steps of a 3-layer GQA decoder (batch 2, one row left-padded or none): hidden
     states and the cache written by the kernels against llama.Block's torch operations. fp32:
     1e-5; bf16: two bf16 steps (2^-6) of the largest value, since roundings may land on either side."""

@@ -15,6 +15,9 @@ The kernels (C++ in cpu_kernels.cpp beside this file):
   in registers (bf16 is the top half of an fp32: a 16-bit shift) and accumulated with FMA in
   fp32, four rows at a time, rows split over threads. int8 weights (llama.Int8Linear,
   optional) carry one fp32 scale per row. `linear` below uses it for single products (lm_head).
+  With several inputs (a batch decoding together) each weight is loaded once for several of
+  them: tiles of 4 rows x 2 inputs in AVX2, 4 x 4 in AVX-512 where the CPU has it (chosen at
+  run time; `allow_avx512(False)` keeps AVX2), with the next rows prefetched meanwhile.
 - `decode_layers(...)`: a decode step through consecutive decoder blocks in one call: RMSNorm,
   q/k/v, rotary, the cache write, grouped-query attention (with the padding mask of a
   left-padded batch), o_proj, SwiGLU, down_proj and both residuals, with the same products.
@@ -90,6 +93,12 @@ def _built() -> bool:
 
 def available() -> bool:
     return _module() is not None
+
+
+def allow_avx512(allowed: bool) -> bool:
+    """Let the batch products (two or more rows) use AVX-512 where the CPU has it (the default),
+    or keep them to AVX2 (tests of both paths, benchmarks). -> whether AVX-512 is in use now."""
+    return bool(_module().set_avx512(allowed))
 
 
 def decode_product(x: torch.Tensor) -> bool:
