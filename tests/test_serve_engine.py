@@ -87,6 +87,31 @@ def test_a_full_cache_compacts_and_answers_stay_equal(model, processor):
         assert j.output_ids == alone(model, j)
 
 
+def test_the_cache_grows_from_a_few_slots_and_shrinks_when_idle(model, processor):
+    engine = BatchEngine(model, processor.tokenizer, max_batch=2, prefix_entries=0, slots=16)
+    assert engine.cache.max_len == 16
+    jobs = [make_job(processor, "Describe the picture in one sentence.", max_new_tokens=20),  # outgrows 16 slots
+            make_job(processor, "What is in the image?", [image(1)], max_new_tokens=12)]  # joins: a longer prompt
+    engine.submit(jobs[0])
+    for _ in range(8):
+        engine.step()
+    engine.submit(jobs[1])
+    sizes = []
+    while not all(j.finish_reason for j in jobs):
+        engine.step()
+        sizes.append(engine.cache.max_len)
+    need = max(len(j.prompt_ids) + len(j.output_ids) for j in jobs)
+    assert engine.stats["grows"] >= 2 and need <= max(sizes) < 2 * need  # doubled as needed, not to the context
+    assert engine.cache.max_len == 16 and engine.cache.length == 0  # idle: back to its first size
+    for j in jobs:
+        assert j.output_ids == alone(model, j)
+
+
+def test_engine_rejects_zero_slots(model, processor):
+    with pytest.raises(ValueError, match="slots=0"):
+        BatchEngine(model, processor.tokenizer, slots=0)
+
+
 def test_seeded_sampling_rows_beside_greedy_rows(model, processor):
     engine = BatchEngine(model, processor.tokenizer, max_batch=3)
     sampled = make_job(processor, "What is in the image?", [image(4)], max_new_tokens=15, temperature=0.9,

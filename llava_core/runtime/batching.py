@@ -19,11 +19,14 @@ over; each step
    and sampling rows side by side, a torch.Generator per seeded request), its text is cut into
    final pieces (TextStream) and sent; a row that meets EOS, a stop string or its token limit
    is freed (its keys/values offered to the prefix cache).
-When `length` reaches the cache's end, the columns no busy row uses (every row's left padding)
-are dropped by shifting all rows left; with no busy row the cache simply restarts at 0. A
-request is accepted only if prompt + max_new_tokens fits the cache, so a row never outgrows it.
+The cache's slots start small (`slots`, 256) and double, up to the context, as the rows grow:
+when `length` reaches the cache's end, the columns no busy row uses (every row's left padding)
+are dropped by shifting all rows left if they are a quarter of the cache or more, else the
+slots double; with no busy row the cache restarts at 0 with its first size. A request is
+accepted only if prompt + max_new_tokens fits max_len, so a row never outgrows the cache.
 
-Each row computes what it would compute alone (same positions, its own keys only), so greedy
+Each row computes what it would compute alone (same positions, its own keys only; only the order
+of the fp32 sums in a product may differ with the batch's width), so greedy
 answers equal `generate` one request at a time, token for token (tests/test_serve_engine.py).
 Events reach the caller through `Job.on_event`, called in the engine's thread.
 """
@@ -88,19 +91,24 @@ def image_digest(pixel_values: torch.Tensor) -> str:
 
 class BatchEngine:
     def __init__(self, model: LlavaModel, tokenizer, max_batch: int = 8, max_len: int | None = None,
-                 prefix_entries: int = 8):
+                 prefix_entries: int = 8, slots: int = 256):
         if max_batch < 1:
             raise ValueError(f"max_batch={max_batch}: must be >= 1")
+        if slots < 1:
+            raise ValueError(f"slots={slots}: must be >= 1")
         self.model, self.tokenizer = model, tokenizer
         cfg = model.cfg
         self.max_len = min(max_len or cfg.text.max_position_embeddings, cfg.text.max_position_embeddings)
         self._max_batch = max_batch
-        self.cache = model.new_cache(1, self.max_len)  # grows and shrinks with the load: _fit
+        # the cache's slots start at `slots` and double as the rows need (up to max_len): a full-
+        # context cache would be 377 MB per row for the default model, zeroed at every widening
+        self._slots = min(slots, self.max_len)
+        self.cache = model.new_cache(1, self._slots)  # its width follows the load (_fit), its slots the lengths (_room)
         self.rows: list[_Row | None] = [None]
         self.eos = set(cfg.text.eos_token_ids)
         self.pad = cfg.text.pad_token_id if cfg.text.pad_token_id is not None else 0
         self.prefixes = PrefixCache(prefix_entries, cfg.image_token_index, cfg.num_image_tokens)
-        self.stats = collections.Counter()  # steps, prefills, tokens, shifts, compactions, finish reasons
+        self.stats = collections.Counter()  # steps, prefills, tokens, shifts, compactions, grows, finish reasons
         self._waiting: collections.deque[Job] = collections.deque()
         self._calls: collections.deque[tuple[Callable, Future]] = collections.deque()
         self._wake = threading.Condition()
@@ -273,7 +281,9 @@ class BatchEngine:
 
     def _splice(self, r: int, one: KVCache) -> None:
         """Place a 1-row cache's T slots in row r, ending at the batch's current length."""
-        c, T = self.cache, one.length
+        T = one.length
+        self._room(T)
+        c = self.cache
         if T > c.length:
             self.stats["shifts"] += c.length > 0
             self._shift(T - c.length)
@@ -300,23 +310,55 @@ class BatchEngine:
             c.valid[:, L - s:] = False
         c.length = L + d
 
-    def _compact(self) -> None:
-        """Drop the leading columns no busy row uses (called when the cache is full)."""
-        used = self.cache.valid[:, :self.cache.length].any(0)  # (S,)
-        first = int(used.float().argmax()) if bool(used.any()) else self.cache.length
+    def _make_room(self) -> None:
+        """The cache is full: drop the leading columns no busy row uses when they are a quarter of
+        it or more (or it cannot grow), else double its slots."""
+        c = self.cache
+        used = c.valid[:, :c.length].any(0)  # (S,)
+        first = int(used.float().argmax()) if bool(used.any()) else c.length
+        if first < c.max_len // 4 and c.max_len < self.max_len:
+            return self._room(c.length + 1)
         if first == 0:
             raise ContextOverflowError("the batch cache is full and no column is free (a row outgrew its limit)")
         self.stats["compactions"] += 1
         self._shift(-first)
 
+    def _room(self, need: int) -> None:
+        """Give the cache at least `need` slots (doubling, at most max_len)."""
+        size = self.cache.max_len
+        if need <= size:
+            return
+        while size < need:
+            size *= 2
+        self._rebuild(list(range(len(self.rows))), len(self.rows), min(size, self.max_len))
+        self.stats["grows"] += 1
+
+    def _rebuild(self, keep: list[int], width: int, slots: int) -> None:
+        """A new cache of `width` rows and `slots` slots holding rows `keep` of the old one, first."""
+        c, L = self.cache, self.cache.length
+        new = self.model.new_cache(width, slots)
+        if keep:
+            idx = torch.tensor(keep, device=c.valid.device)
+            n = len(keep)
+            new.k[:, :n, :, :L] = c.k[:, idx, :, :L]  # (layers, n, Hkv, L, D)
+            new.v[:, :n, :, :L] = c.v[:, idx, :, :L]
+            new.valid[:n, :L] = c.valid[idx, :L]
+            new.next_pos[:n] = c.next_pos[idx]
+        new.length = L
+        self.cache = new
+        self.rows = [self.rows[i] for i in keep] + [None] * (width - len(keep))
+
     def _reset(self) -> None:
+        if self.cache.max_len > self._slots:  # give back what a long answer grew
+            self.cache = self.model.new_cache(len(self.rows), self._slots)
         self.cache.valid.zero_()
         self.cache.length = 0
 
     def _decode(self) -> None:
         c = self.cache
         if c.length >= c.max_len:
-            self._compact()
+            self._make_room()
+            c = self.cache
         busy = torch.tensor([[r is not None] for r in self.rows], device=c.valid.device)  # (B, 1)
         tokens = torch.tensor([r.last if r is not None else self.pad for r in self.rows],
                               device=self.model.device)  # (B,)
@@ -348,19 +390,8 @@ class BatchEngine:
         width = min(width, self.max_batch)
         if width == len(self.rows):
             return
-        c, L = self.cache, self.cache.length
         busy = [i for i, r in enumerate(self.rows) if r is not None]
-        new = self.model.new_cache(width, self.max_len)
-        if busy:
-            idx = torch.tensor(busy, device=c.valid.device)
-            n = len(busy)
-            new.k[:, :n, :, :L] = c.k[:, idx, :, :L]  # (layers, n, Hkv, L, D)
-            new.v[:, :n, :, :L] = c.v[:, idx, :, :L]
-            new.valid[:n, :L] = c.valid[idx, :L]
-            new.next_pos[:n] = c.next_pos[idx]
-        new.length = L
-        self.cache = new
-        self.rows = [self.rows[i] for i in busy] + [None] * (width - len(busy))
+        self._rebuild(busy, width, self.cache.max_len)
         self.stats["resizes"] += 1
 
     def _take(self, row: _Row, token: int) -> bool:
