@@ -1,5 +1,8 @@
 """The AVX2 decode kernels (matrix-vector products; a decode step through the decoder blocks) against torch, and their use by llama.py."""
 
+import threading
+import time
+
 import pytest
 import torch
 
@@ -254,3 +257,28 @@ def test_fp32_decode_uses_the_kernel_for_large_weights_only(monkeypatch):
         big(torch.randn(1, 20, 1024))  # a prefill: torch
     assert calls == [(4096, 1024)]
     assert torch.allclose(y, torch.nn.functional.linear(x, big.weight), rtol=1e-5, atol=1e-5)
+
+
+def test_the_kernels_let_other_python_threads_run_meanwhile():
+    """A server's event loop runs beside the engine's decode step: while a product runs in one
+    thread (1 compute thread, ~0.1 s), the other keeps ticking. Holding Python's lock, it would
+    stall for the whole call."""
+    w, x = torch.ones(16384, 4096), torch.ones(8, 4096)  # 256 MB, read four times per call
+    m = cpu_kernels._module()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        t0 = time.perf_counter()
+        m.gemv(x, [w, w, w, w], [], False)
+        call = time.perf_counter() - t0
+        worker = threading.Thread(target=m.gemv, args=(x, [w, w, w, w], [], False))
+        gaps, last = [], time.perf_counter()
+        worker.start()
+        while worker.is_alive():
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+        worker.join()
+    finally:
+        torch.set_num_threads(threads)
+    assert call > 0.02 and max(gaps) < call / 2, (call, max(gaps))

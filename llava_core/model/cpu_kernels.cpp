@@ -647,8 +647,10 @@ torch::Tensor decode_layers(torch::Tensor x, std::vector<torch::Tensor> weights,
   return wt == torch::kChar ? run(int8_t{}, float{}) : run(float{}, float{});
 }
 
+// Both products run without Python's lock: a server's event loop (and any other Python thread)
+// keeps running while the engine's thread is inside a decode step.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("gemv", &gemv);
-  m.def("decode_layers", &decode_layers);
+  m.def("gemv", &gemv, py::call_guard<py::gil_scoped_release>());
+  m.def("decode_layers", &decode_layers, py::call_guard<py::gil_scoped_release>());
   m.def("set_avx512", &set_avx512);
 }
