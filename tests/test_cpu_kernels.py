@@ -1,5 +1,8 @@
 """The AVX2 decode kernels (matrix-vector products; a decode step through the decoder blocks) against torch, and their use by llama.py."""
 
+import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -282,3 +285,15 @@ def test_the_kernels_let_other_python_threads_run_meanwhile():
     finally:
         torch.set_num_threads(threads)
     assert call > 0.02 and max(gaps) < call / 2, (call, max(gaps))
+
+
+
+def test_llava_core_avx512_0_keeps_the_batch_products_in_avx2():
+    """The environment switch, read when the module loads (so in a fresh interpreter)."""
+    code = "from llava_core.model import cpu_kernels; print(cpu_kernels.avx512_in_use())"
+    seen = {}
+    for value in ("0", "1"):
+        r = subprocess.run([sys.executable, "-c", code], env={**os.environ, "LLAVA_CORE_AVX512": value},
+                           capture_output=True, text=True, timeout=600)
+        seen[value] = r.stdout.strip().splitlines()[-1]
+    assert seen == {"0": "False", "1": str(cpu_kernels.allow_avx512(True))}

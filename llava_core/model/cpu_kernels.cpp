@@ -211,7 +211,11 @@ AVX512 static void dot_tile16(const float* x, const W* w, int64_t K, float* out,
 }
 
 // Whether the batch tiles may use AVX-512: the CPU (and OS) have it, and set_avx512 allows it.
-static bool g_avx512 = __builtin_cpu_supports("avx512f");
+static bool cpu_has_avx512() {
+  __builtin_cpu_init();  // this runs while the module loads, maybe before libgcc's own set-up
+  return __builtin_cpu_supports("avx512f");  // the CPU's flag and the OS's saving of the registers
+}
+static bool g_avx512 = cpu_has_avx512();
 static bool g_avx512_allowed = true;
 static inline bool use_avx512() { return g_avx512 && g_avx512_allowed; }
 bool set_avx512(bool allowed) {  // for tests and benchmarks; -> whether AVX-512 is in use now
@@ -653,4 +657,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv", &gemv, py::call_guard<py::gil_scoped_release>());
   m.def("decode_layers", &decode_layers, py::call_guard<py::gil_scoped_release>());
   m.def("set_avx512", &set_avx512);
+  m.def("avx512", &use_avx512);
 }

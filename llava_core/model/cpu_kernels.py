@@ -17,7 +17,8 @@ The kernels (C++ in cpu_kernels.cpp beside this file):
   optional) carry one fp32 scale per row. `linear` below uses it for single products (lm_head).
   With several inputs (a batch decoding together) each weight is loaded once for several of
   them: tiles of 4 rows x 2 inputs in AVX2, 4 x 4 in AVX-512 where the CPU has it (chosen at
-  run time; `allow_avx512(False)` keeps AVX2), with the next rows prefetched meanwhile.
+  run time; `allow_avx512(False)` or LLAVA_CORE_AVX512=0 keeps AVX2), with the next rows
+  prefetched meanwhile.
 - `decode_layers(...)`: a decode step through consecutive decoder blocks in one call: RMSNorm,
   q/k/v, rotary, the cache write, grouped-query attention (with the padding mask of a
   left-padded batch), o_proj, SwiGLU, down_proj and both residuals, with the same products.
@@ -74,12 +75,15 @@ def _module():
         log.warning("building llava_core's AVX2 decode kernels (once, about a minute) ...")
     try:
         from torch.utils.cpp_extension import load
-        return load(_NAME, sources=[str(_SOURCE)], with_cuda=False,
-                    extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"], extra_ldflags=["-fopenmp"])
+        module = load(_NAME, sources=[str(_SOURCE)], with_cuda=False,
+                      extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"], extra_ldflags=["-fopenmp"])
     except Exception as e:  # no compiler, no headers: keep torch's kernels
         log.warning("AVX2 decode kernels not built (%s); using torch's operations",
                     str(e).splitlines()[0] if str(e) else type(e).__name__)
         return None
+    if os.environ.get("LLAVA_CORE_AVX512", "1") == "0":  # batch products in AVX2 even where AVX-512 is
+        module.set_avx512(False)
+    return module
 
 
 def _built() -> bool:
@@ -99,6 +103,11 @@ def allow_avx512(allowed: bool) -> bool:
     """Let the batch products (two or more rows) use AVX-512 where the CPU has it (the default),
     or keep them to AVX2 (tests of both paths, benchmarks). -> whether AVX-512 is in use now."""
     return bool(_module().set_avx512(allowed))
+
+
+def avx512_in_use() -> bool:
+    """Whether the batch products use AVX-512 now (the CPU has it and nothing turned it off)."""
+    return available() and bool(_module().avx512())
 
 
 def decode_product(x: torch.Tensor) -> bool:
