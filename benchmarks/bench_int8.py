@@ -29,11 +29,11 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
+    from llava_core.checkpoints.loader import load_pretrained
     from llava_core.default.cache import resolve_model
     from llava_core.eval import evaluate_synthetic
-    from llava_core.model.quantize import quantize_int8
-    from llava_core.checkpoints.loader import load_pretrained
     from llava_core.model.processor import LlavaProcessor
+    from llava_core.model.quantize import quantize_int8
 
     folder = resolve_model("default")
     processor = LlavaProcessor.from_pretrained(folder)

@@ -47,9 +47,9 @@ def measure_guard(weights: Path) -> dict:
 
     import torch
 
+    from llava_core.checkpoints.loader import load_pretrained
     from llava_core.default.cache import resolve_model
     from llava_core.eval import evaluate_synthetic
-    from llava_core.checkpoints.loader import load_pretrained
     from llava_core.model.processor import LlavaProcessor
 
     os.environ["LLAVA_CORE_WEIGHTS"] = str(weights)  # "default" names this parts folder

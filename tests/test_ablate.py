@@ -6,9 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
-from llava_core.research.ablate import AblationConfig, markdown_table, run_sweep, summarize, with_projector
-from llava_core.model.config import ConfigError
 from llava_core.checkpoints.loader import load_pretrained
+from llava_core.model.config import ConfigError
+from llava_core.research.ablate import AblationConfig, markdown_table, run_sweep, summarize, with_projector
 from llava_core.testing import make_tiny_checkpoint
 
 

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from llava_core.runtime.generate import generate
-from llava_core.runtime.chat import ChatSession
 from llava_core.model.kv_cache import ContextOverflowError
+from llava_core.runtime.chat import ChatSession
+from llava_core.runtime.generate import generate
 from llava_core.testing import random_image
 
 TOL = 1e-4  # fp32

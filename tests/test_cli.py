@@ -7,11 +7,11 @@ import sys
 import pytest
 from PIL import Image
 
-from llava_core.runtime.generate import TASKS, generate, task_prompt
+from llava_core.checkpoints.loader import load_pretrained
 from llava_core.cli.caption import read_done
 from llava_core.cli.common import TASK_NAMES
-from llava_core.checkpoints.loader import load_pretrained
 from llava_core.model.processor import LlavaProcessor
+from llava_core.runtime.generate import TASKS, generate, task_prompt
 
 
 def run(*args, stdin=None):

@@ -6,14 +6,13 @@ differently, so logits are compared relative to their range (1%), not absolutely
 
 import pytest
 import torch
+from test_parity import max_diff, prompt_ids
 
-from llava_core.runtime.chat import ChatSession
-from llava_core.runtime.decode import SamplingParams, generate_tokens
 from llava_core.checkpoints.loader import load_pretrained
 from llava_core.model.processor import LlavaProcessor
+from llava_core.runtime.chat import ChatSession
+from llava_core.runtime.decode import SamplingParams, generate_tokens
 from llava_core.testing import make_tiny_checkpoint
-
-from test_parity import max_diff, prompt_ids
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

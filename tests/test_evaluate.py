@@ -9,11 +9,11 @@ import pytest
 from PIL import Image
 
 from llava_core import eval as ev
-from llava_core.eval import synthetic
-from llava_core.runtime.generate import generate
-from llava_core.data import DataConfig, make_sample
 from llava_core.checkpoints.loader import load_pretrained
+from llava_core.data import DataConfig, make_sample
+from llava_core.eval import synthetic
 from llava_core.model.processor import LlavaProcessor
+from llava_core.runtime.generate import generate
 
 
 @pytest.fixture(scope="module")

@@ -9,11 +9,11 @@ import torch
 from safetensors.torch import load_file
 
 from llava_core.checkpoints import export
-from llava_core.model.config import LlavaConfig, ProjectorConfig, TextConfig, VisionConfig
 from llava_core.checkpoints.export import parse_size, save_llava_hf
 from llava_core.checkpoints.keymap import hub_names, map_key
-from llava_core.model.llava import LlavaModel
 from llava_core.checkpoints.loader import load_pretrained
+from llava_core.model.config import LlavaConfig, ProjectorConfig, TextConfig, VisionConfig
+from llava_core.model.llava import LlavaModel
 from llava_core.testing import make_tiny_checkpoint
 
 FP32_TOL = 1e-4

@@ -2,12 +2,10 @@
 
 import pytest
 import torch
-
-from llava_core.runtime.decode import (SamplingParams, TextStream, filter_top_k, filter_top_p,
-                                 generate_tokens)
-from llava_core.checkpoints.loader import load_pretrained
-
 from test_parity import prompt_ids
+
+from llava_core.checkpoints.loader import load_pretrained
+from llava_core.runtime.decode import SamplingParams, TextStream, filter_top_k, filter_top_p, generate_tokens
 
 NEW = 12
 

@@ -9,13 +9,13 @@ import torch
 
 gguf = pytest.importorskip("gguf")
 
-from llava_core.model.config import TextConfig  # noqa: E402
 from llava_core.checkpoints.gguf import GGUFIntegrityError, load_gguf_decoder, unpermute_rows  # noqa: E402
+from llava_core.checkpoints.loader import CheckpointError  # noqa: E402
 from llava_core.default.smollm2 import (SMOLLM2_GGUF, SMOLLM2_SHA256, load_smollm2_decoder,  # noqa: E402
-                                       load_smollm2_tokenizer, smollm2_gguf)
+                                        load_smollm2_tokenizer, smollm2_gguf)
+from llava_core.model.config import TextConfig  # noqa: E402
 from llava_core.model.kv_cache import KVCache  # noqa: E402
 from llava_core.model.llama import LlamaDecoder  # noqa: E402
-from llava_core.checkpoints.loader import CheckpointError  # noqa: E402
 
 FP32_TOL = 1e-4
 PROMPT = ("In 1969, two astronauts walked on the Moon while a third orbited above; "

@@ -15,7 +15,8 @@ import torch
 from PIL import Image
 
 from llava_core.checkpoints.loader import CheckpointError, load_pretrained
-from llava_core.model.anyres import fit_within, image_token_count, num_tiles, select_best_resolution, tile_grid, unpad_box
+from llava_core.model.anyres import (fit_within, image_token_count, num_tiles, select_best_resolution, tile_grid,
+                                     unpad_box)
 from llava_core.model.config import ConfigError
 from llava_core.model.llava import ImageTokenMismatch
 from llava_core.model.llava_next import LlavaNextModel
@@ -64,7 +65,8 @@ def _image(hw, seed=0):
 # --- geometry: our pure functions against transformers' helpers ---------------------------
 
 def test_anyres_geometry_matches_transformers_helpers():
-    from transformers.image_processing_utils import get_patch_output_size, select_best_resolution as hf_best
+    from transformers.image_processing_utils import get_patch_output_size
+    from transformers.image_processing_utils import select_best_resolution as hf_best
     from transformers.image_utils import ChannelDimension
     from transformers.models.llava_next.modeling_llava_next import (get_anyres_image_grid_shape,
                                                                     image_size_to_num_patches, unpad_image)
@@ -217,6 +219,7 @@ def test_image_token_mismatch_names_counts(models, ours):
 
 def test_hub_and_in_memory_layouts_load_the_same(tmp_path, next_ckpt, models):
     import shutil
+
     from safetensors.torch import save_file
     model, ref = models
     hub = tmp_path / "hub"
@@ -234,6 +237,7 @@ def test_hub_and_in_memory_layouts_load_the_same(tmp_path, next_ckpt, models):
 
 def test_missing_newline_is_named(tmp_path, next_ckpt):
     import shutil
+
     from safetensors.torch import load_file, save_file
     folder = tmp_path / "ck"
     shutil.copytree(next_ckpt, folder)
@@ -282,6 +286,7 @@ def test_next_mistral_with_mistral_template(tmp_path):
 def test_export_round_trip(tmp_path, models, ours):
     # save_llava_hf writes a llava_next folder that we and transformers read back to the same model
     from transformers import LlavaNextForConditionalGeneration
+
     from llava_core.checkpoints.export import save_llava_hf
     model, _ = models
     folder = save_llava_hf(model, tmp_path / "out")

@@ -12,9 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from llava_core.model.config import ConfigError, LlavaConfig
 from llava_core.checkpoints.keymap import map_key, qkv_rows
 from llava_core.checkpoints.loader import CheckpointError, checkpoint_dtype, load_pretrained
+from llava_core.model.config import ConfigError, LlavaConfig
 from llava_core.testing import make_tiny_checkpoint
 
 # --- checkpoints shared by the session -------------------------------------------------------

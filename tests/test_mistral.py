@@ -20,7 +20,6 @@ from llava_core.runtime.decode import SamplingParams, decode_one, generate_token
 from llava_core.testing import MISTRAL_TEMPLATE, make_tiny_checkpoint
 
 
-
 @pytest.fixture(scope="module")
 def bakllava(tmp_path_factory):
     """bakLlava-shaped: LLaVA-1.5 with a Mistral decoder (no window), a Mistral chat template."""
@@ -43,9 +42,9 @@ def _hf(folder, attn="sdpa"):
 
 
 def test_bakllava_logits_and_greedy_match(bakllava):
+    import numpy as np
     from PIL import Image
     from transformers import AutoProcessor
-    import numpy as np
 
     ours = LlavaProcessor.from_pretrained(bakllava)
     ref_proc = AutoProcessor.from_pretrained(bakllava, backend="pil")

@@ -15,8 +15,8 @@ import dataclasses
 import pytest
 import torch
 
-from llava_core.model.llama import Rotary
 from llava_core.checkpoints.loader import checkpoint_dtype, load_pretrained
+from llava_core.model.llama import Rotary
 from llava_core.testing import make_tiny_checkpoint
 
 FP32_TOL = 1e-4  # max abs difference, fp32 (the observed differences are ~1e-7 on logits of scale ~1)

@@ -12,12 +12,11 @@ import pytest
 import torch
 from PIL import Image
 
-from llava_core.runtime.generate import generate
 from llava_core.checkpoints.loader import load_pretrained
 from llava_core.model.processor import LlavaProcessor
 from llava_core.research.drawing import format_lens, save_attention_png, save_lens_png
-from llava_core.research.probe import (capture, image_attention, image_box, image_positions, logit_lens,
-                                       nearest_tokens)
+from llava_core.research.probe import capture, image_attention, image_box, image_positions, logit_lens, nearest_tokens
+from llava_core.runtime.generate import generate
 
 QUESTION = "What colour is it?"
 

@@ -11,10 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from llava_core.model.config import ConfigError, LlavaConfig, ProjectorConfig, projector_tokens
 from llava_core.checkpoints.export import save_llava_hf
-from llava_core.model.llava import LlavaModel
 from llava_core.checkpoints.loader import load_pretrained
+from llava_core.model.config import ConfigError, LlavaConfig, ProjectorConfig, projector_tokens
+from llava_core.model.llava import LlavaModel
 from llava_core.model.processor import LlavaProcessor
 from llava_core.model.projector import PROJECTORS, build_projector
 from llava_core.testing import make_tiny_checkpoint

@@ -15,7 +15,8 @@ from llava_core.model.processor import LlavaProcessor, ProcessorError
 from llava_core.runtime.generate import generate
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st  # noqa: E402
 
 DOCUMENTED = (ProcessorError, ContextOverflowError)
 MODES = ["1", "L", "LA", "P", "RGB", "RGBA", "CMYK", "I;16", "I", "F"]

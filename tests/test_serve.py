@@ -19,6 +19,8 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
+from test_serve_engine import image  # noqa: E402
+
 from llava_core.checkpoints.loader import load_pretrained  # noqa: E402
 from llava_core.model.processor import LlavaProcessor  # noqa: E402
 from llava_core.research.probe import image_attention  # noqa: E402
@@ -27,8 +29,6 @@ from llava_core.runtime.generate import generate, stream  # noqa: E402
 from llava_core.serve.app import create_app  # noqa: E402
 from llava_core.serve.protocol import Limits  # noqa: E402
 from llava_core.serve.server import ServerThread, check_exposure  # noqa: E402
-
-from test_serve_engine import image  # noqa: E402
 
 LIMITS = dict(max_tokens=1800, max_body_bytes=2 * 2 ** 20, max_image_pixels=1000 * 1000, max_images=2)
 

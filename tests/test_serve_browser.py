@@ -11,13 +11,13 @@ import pytest
 playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (scripts/setup.sh)")
 pytest.importorskip("fastapi")
 
+from test_serve_engine import image  # noqa: E402
+
 from llava_core.checkpoints.loader import load_pretrained  # noqa: E402
 from llava_core.model.processor import LlavaProcessor  # noqa: E402
 from llava_core.runtime.batching import BatchEngine  # noqa: E402
 from llava_core.serve.app import create_app  # noqa: E402
 from llava_core.serve.server import ServerThread  # noqa: E402
-
-from test_serve_engine import image  # noqa: E402
 
 CHROMIUM = os.environ.get("LLAVA_CORE_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 

@@ -10,7 +10,6 @@ from llava_core.runtime.batching import BatchEngine, Job, image_digest
 from llava_core.runtime.decode import SamplingParams, generate_tokens
 from llava_core.testing import random_image
 
-
 image = random_image
 
 

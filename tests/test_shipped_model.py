@@ -30,8 +30,8 @@ def trained() -> dict | None:
 
 @pytest.fixture(scope="module")
 def shipped():
-    from llava_core.default.cache import resolve_model
     from llava_core.checkpoints.loader import load_pretrained
+    from llava_core.default.cache import resolve_model
     from llava_core.model.processor import LlavaProcessor
 
     folder = resolve_model("default")

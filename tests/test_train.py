@@ -14,17 +14,17 @@ from llava_core.model.config import LlavaConfig, TextConfig, VisionConfig
 from llava_core.model.layers import cpu_has_fast_bf16
 from llava_core.model.llava import LlavaModel
 from llava_core.model.processor import ImageConfig, LlavaProcessor
+from llava_core.model.vision import VisionTower
 from llava_core.testing import LLAVA15_CHAT_TEMPLATE, make_tokenizer
 from llava_core.train import batches as batches_mod
 from llava_core.train.batches import IGNORE, answer_loss, encode_conversation
 from llava_core.train.common import LoopConfig, config_differences, lr_factor, read_jsonl
 from llava_core.train.recipe import Recipe, run_recipe
-from llava_core.train.stage0_clip import (CaptionTokenizer, Stage0Config, TextTowerConfig, build_clip,
-                                          load_visual, train_stage0, visual_state)
+from llava_core.train.stage0_clip import (CaptionTokenizer, Stage0Config, TextTowerConfig, build_clip, load_visual,
+                                          train_stage0, visual_state)
 from llava_core.train.stage1_align import Stage1Config, train_stage1
-from llava_core.train.stage2_instruct import (Stage2Config, add_lora, lora_config, lora_state, merge_lora,
-                                              mix_at, train_stage2)
-from llava_core.model.vision import VisionTower
+from llava_core.train.stage2_instruct import (Stage2Config, add_lora, lora_config, lora_state, merge_lora, mix_at,
+                                              train_stage2)
 
 VISION = VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                       image_size=64, patch_size=16)
@@ -552,6 +552,7 @@ def test_linear_probe_is_seeded_and_leaves_the_callers_random_state_alone():
 def _toy_loop(out_dir, cfg, delay, dist=None, before=0.0, resume=False):
     """train_loop on one parameter; step_fn sleeps delay(step) seconds (and all-reduces under DDP)."""
     import time
+
     from llava_core.train.common import train_loop
 
     time.sleep(before)
@@ -590,6 +591,7 @@ def test_budget_plan_is_redone_at_the_end_of_warmup(tmp_path, caplog):
 
 def _ddp_rank(rank, port, out_dir, queue):
     import os
+
     from llava_core.train.dist import init_distributed
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
@@ -608,6 +610,7 @@ def test_ddp_ranks_agree_on_the_plan_and_the_budget_stop(tmp_path):
     """Under torchrun each rank reads its own clock; the planned total and the budget stop are rank
     0's on every rank, so no rank waits forever in a collective the others have left."""
     import socket
+
     import torch.multiprocessing as mp
 
     with socket.socket() as s:

@@ -37,8 +37,8 @@ from pathlib import Path
 
 import torch
 
-from ..model.config import (ORIGINAL_FIELDS, ConfigError, LlavaConfig, ProjectorConfig, TextConfig,
-                            VisionConfig, parse_projector)
+from ..model.config import (ORIGINAL_FIELDS, ConfigError, LlavaConfig, ProjectorConfig, TextConfig, VisionConfig,
+                            parse_projector)
 from ..model.llava import LlavaModel
 from .export import atomic_folder, generation_config, hub_names, llava_hf_config, write_json
 

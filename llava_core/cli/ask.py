@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import sys
 
-from .common import PROG, TASK_NAMES, add_model_args, add_sampling_args, check_image, load_model, question_of, sampling_options
+from .common import (PROG, TASK_NAMES, add_model_args, add_sampling_args, check_image, load_model, question_of,
+                     sampling_options)
 
 
 def add_ask(sub) -> None:
@@ -53,8 +54,8 @@ def cmd_chat(args) -> int:
     sampling = sampling_options(args)
     images = [check_image(path) for path in args.images]
     model, processor = load_model(args)
-    from ..runtime.chat import ChatSession
     from ..model.kv_cache import ContextOverflowError
+    from ..runtime.chat import ChatSession
 
     chat = ChatSession(model, processor, images=images, max_context=args.max_context)
     interactive = sys.stdin.isatty()

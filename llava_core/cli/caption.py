@@ -35,8 +35,8 @@ def add_caption(sub) -> None:
 def cmd_caption(args) -> int:
     from tqdm import tqdm
 
-    from ..runtime.generate import generate, task_prompt
     from ..model.processor import load_image
+    from ..runtime.generate import generate, task_prompt
 
     root = Path(args.folder)
     if not root.is_dir():

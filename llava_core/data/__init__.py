@@ -6,8 +6,8 @@ questions, captions and multi-turn conversations; seeded per (split, index).
     ds = SyntheticDataset("validation", 1000, DataConfig(mix="caption"))
 """
 
-from .dataset import (CAPTION_MIX, CONTRASTIVE_MIX, INSTRUCT_MIX, MIXES, QTYPES, DataConfig,
-                      SyntheticDataset, caption_pairs, make_sample)
+from .dataset import (CAPTION_MIX, CONTRASTIVE_MIX, INSTRUCT_MIX, MIXES, QTYPES, DataConfig, SyntheticDataset,
+                      caption_pairs, make_sample)
 from .grid import save_grid
 from .scene import SceneConfig
 from .shift import ShiftConfig

@@ -17,12 +17,12 @@ from pathlib import Path
 import torch
 
 from ..model.config import ConfigError, LlavaConfig, ProjectorConfig, TextConfig, VisionConfig
-from .smollm2 import SMOLLM2_FILE, SMOLLM2_SHA256, load_smollm2_decoder, load_smollm2_tokenizer, smollm2_gguf
 from ..model.llama import Rotary
 from ..model.llava import LlavaModel
 from ..model.processor import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageConfig, LlavaProcessor
 from ..model.projector import build_projector
 from ..model.vision import VisionTower
+from .smollm2 import SMOLLM2_FILE, SMOLLM2_SHA256, load_smollm2_decoder, load_smollm2_tokenizer, smollm2_gguf
 
 IMAGE_TOKEN = "<image>"
 IM_END = "<|im_end|>"

@@ -22,10 +22,10 @@ import re
 import shutil
 from pathlib import Path
 
-from . import parts as pf
-from .parts import ASSEMBLY_FORMAT, MARKER, parts_hash
 from ..atomic import atomic_folder
 from ..checkpoints.export import complete_processor_files
+from . import parts as pf
+from .parts import ASSEMBLY_FORMAT, MARKER, parts_hash
 
 log = logging.getLogger(__name__)
 

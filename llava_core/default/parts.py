@@ -28,17 +28,17 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..model.config import ConfigError, LlavaConfig, TextConfig
-from .build import (CHAT_TEMPLATE, DECODER, IMAGE_TOKEN, default_text_config, default_tokenizer,
-                            extend_vocab, gguf_state, put_decoder)
 from ..atomic import atomic_folder, write_json
-from ..checkpoints.export import (hub_state_dict, llava_hf_config, write_llava_hf,
-                                  write_processor_files, write_safetensors)
-from .smollm2 import SMOLLM2_FILE
-from ..model.llava import LlavaModel
+from ..checkpoints.export import (hub_state_dict, llava_hf_config, write_llava_hf, write_processor_files,
+                                  write_safetensors)
 from ..checkpoints.keymap import map_key, qkv_rows
 from ..checkpoints.loader import CheckpointError
 from ..checkpoints.lora import lora_deltas, lora_settings, normalize_lora_state
+from ..model.config import ConfigError, LlavaConfig, TextConfig
+from ..model.llava import LlavaModel
+from .build import (CHAT_TEMPLATE, DECODER, IMAGE_TOKEN, default_text_config, default_tokenizer, extend_vocab,
+                    gguf_state, put_decoder)
+from .smollm2 import SMOLLM2_FILE
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import re
 from collections import Counter
 
-
 # --- VQA answer normalisation (after the VQA evaluation script, vqaEval.py) ---------------------
 
 _NUMBERS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",

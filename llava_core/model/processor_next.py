@@ -26,8 +26,8 @@ from PIL import Image
 from .anyres import fit_within, padding, select_best_resolution
 from .config import ConfigError
 from .next_config import LlavaNextConfig
-from .processor import (ImageConfig, LlavaProcessor, ProcessorError, check_image_tokens,
-                        load_image, read_chat_template, read_json)
+from .processor import (ImageConfig, LlavaProcessor, ProcessorError, check_image_tokens, load_image, read_chat_template,
+                        read_json)
 from .text_guard import load_tokenizer
 
 _NEXT_PROCESSORS = {None, "LlavaNextImageProcessor", "LlavaNextImageProcessorFast", "LlavaNextImageProcessorPil"}

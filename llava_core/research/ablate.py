@@ -188,9 +188,9 @@ def write_rows(rows: list[dict], path: Path) -> None:
 
 def run_sweep(model_path: str, out_dir: str | Path, cfg: AblationConfig, resume: bool = False) -> list[dict]:
     """Train and score every (projector, seed); returns the CSV's rows."""
-    from ..model.config import ConfigError
     from ..checkpoints.loader import load_pretrained
     from ..default.cache import resolve_model
+    from ..model.config import ConfigError
     from ..model.processor import LlavaProcessor
     from ..model.projector import build_projector
     from ..train.common import set_trainable

@@ -13,7 +13,6 @@ from ..atomic import atomic_path
 from ..model.processor import load_image
 from .probe import LogitLens
 
-
 RAMP = ((0.0, (20, 20, 110)), (0.3, (30, 110, 230)), (0.55, (60, 210, 200)), (0.8, (250, 220, 50)),
         (1.0, (215, 30, 30)))
 

@@ -29,10 +29,11 @@ from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
-from ..runtime.decode import SamplingParams, generate_tokens
+
 from ..model.llama import apply_rotary, build_mask
 from ..model.llava import LlavaModel
 from ..model.processor import load_image, resize_size
+from ..runtime.decode import SamplingParams, generate_tokens
 
 # --- capture ---------------------------------------------------------------------------------------
 

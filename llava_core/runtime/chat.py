@@ -14,12 +14,12 @@ from typing import Iterator
 
 import torch
 
-from .decode import SamplingParams, TextStream, decode_loop, seen_tokens
 from ..model.kv_cache import ContextOverflowError
 from ..model.llava import LlavaModel
 from ..model.next_config import LlavaNextConfig
 from ..model.processor import load_image
 from ..model.text_guard import check_messages
+from .decode import SamplingParams, TextStream, decode_loop, seen_tokens
 
 
 class ChatSession:

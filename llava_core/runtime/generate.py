@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from typing import Iterator
 
-
 from .decode import SamplingParams, TextStream, find_stop, generate_tokens
 
 # Task prompts: {question} is the user's text; tasks without it take none.

@@ -39,8 +39,8 @@ from pathlib import Path
 
 import torch
 
-from ..model.config import VisionConfig
 from ..atomic import atomic_write_text
+from ..model.config import VisionConfig
 from .common import LoopConfig, config_differences, resolve_autocast, setup_torch
 from .dist import Dist, init_distributed
 from .stage0_clip import Stage0Config, load_visual, train_stage0, visual_state

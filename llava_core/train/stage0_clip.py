@@ -36,9 +36,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..model.config import VisionConfig
 from ..data import COLOURS, SHAPES, DataConfig, make_sample
 from ..data.vocab import CELL_PHRASES, SIZES, TEXT_BACKGROUNDS
+from ..model.config import VisionConfig
 from ..model.processor import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from ..model.vision import VisionTower
 from .augment import augment_batch
