@@ -303,7 +303,43 @@ def test_export_round_trip(tmp_path, models, ours):
     assert (a - b).abs().max() <= 1e-4
 
 
-def test_chat_session_refuses_next_clearly(models, ours):
+def _chat_full_logits(model, processor, chat):
+    """Last-position logits of one fresh forward over the whole conversation."""
+    px, sizes = processor.preprocess(chat.images)
+    with torch.no_grad():
+        return model(torch.tensor([chat.prompt_ids()]), px, image_sizes=sizes)[:, -1]
+
+
+def test_chat_session_keeps_the_cache_across_images_of_different_sizes(models, ours):
+    """A second image of another shape (another token count) joins in turn 2, through the kept
+    cache: the logits equal one forward over the whole conversation (fp32, 1e-4), the first image
+    is not encoded again; undoing that turn forgets its image, and a third picture in its place
+    again matches a full forward."""
     from llava_core.runtime.chat import ChatSession
-    with pytest.raises(NotImplementedError, match="ChatSession does not handle llava_next"):
-        ChatSession(models[0], ours)
+    from llava_core.runtime.generate import generate
+    model = models[0]
+    wide, tall, square = _image((40, 90), 21), _image((90, 40), 22), _image((50, 50), 23)
+    assert model.cfg.image_tokens((40, 90)) != model.cfg.image_tokens((90, 40))
+    chat = ChatSession(model, ours, images=wide)
+    assert chat.ask("What is this?", max_new_tokens=5) == generate(model, ours, "What is this?", wide,
+                                                                 max_new_tokens=5)
+    encoded = []
+    original = model.vision_tower.forward
+    model.vision_tower.forward = lambda px: encoded.append(px.shape[0]) or original(px)
+    try:
+        chat.messages.append({"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "And this?"}]})
+        chat.images.append(tall)
+        cached = chat.prefill(chat.prompt_ids())
+    finally:
+        model.vision_tower.forward = original
+    assert encoded == [model.cfg.image_tiles((90, 40))]  # only the new image's tiles
+    assert (cached - _chat_full_logits(model, ours, chat)).abs().max() <= 1e-4
+    chat.messages.pop()
+    chat.images.pop()
+    chat.ask("And this?", image=tall, max_new_tokens=4)
+    chat.undo()
+    assert len(chat.images) == 1 and len(chat.features) == 1
+    chat.messages.append({"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "And this?"}]})
+    chat.images.append(square)  # another picture, another token count, where the undone one was
+    cached = chat.prefill(chat.prompt_ids())
+    assert (cached - _chat_full_logits(model, ours, chat)).abs().max() <= 1e-4

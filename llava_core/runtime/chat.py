@@ -6,6 +6,7 @@ common prefix is prefilled. An image is encoded once, when it first appears; its
 projected features are kept, so a later turn (or a rollback that cuts into the tokens
 after it) never runs the vision tower again. `undo()` and `regenerate()` only edit the
 conversation: the next prefill rolls the cache back to where it still agrees.
+LLaVA-NeXT models work the same way; there each image's token count follows its size.
 """
 
 from __future__ import annotations
@@ -24,10 +25,8 @@ from .decode import SamplingParams, TextStream, decode_loop, seen_tokens
 
 class ChatSession:
     def __init__(self, model: LlavaModel, processor, images=None, max_context: int | None = None):
-        if isinstance(model.cfg, LlavaNextConfig):  # the cache bookkeeping counts num_image_tokens per image
-            raise NotImplementedError("ChatSession does not handle llava_next yet (its image token count "
-                                      "varies per image); use generate() or stream() one turn at a time")
         self.model, self.processor = model, processor
+        self.next = isinstance(model.cfg, LlavaNextConfig)  # llava_next: tokens per image follow its size
         limit = model.cfg.text.max_position_embeddings
         if max_context is not None and not 1 < max_context <= limit:
             raise ValueError(f"max_context={max_context}: must be in 2..{limit}, the model's context")
@@ -86,7 +85,18 @@ class ChatSession:
     def _forget_from_image(self, n: int) -> None:
         """Drop cached ids from the first token of image n on: another image may take its place,
         and the ids alone (all the same image token) would not show the change."""
-        self.cached_ids = self.cached_ids[:_image_start(self.cached_ids, n, self.model.cfg)]
+        start = _image_start(self.cached_ids, n, self._image_counts(), self.model.cfg.image_token_index)
+        self.cached_ids = self.cached_ids[:start]
+
+    def _sizes(self) -> list[tuple[int, int]]:
+        return [(im.height, im.width) for im in self.images]
+
+    def _image_counts(self) -> list[int]:
+        """Image tokens per image of the conversation (llava_next: from each image's size)."""
+        cfg = self.model.cfg
+        if self.next:
+            return [cfg.image_tokens(hw) for hw in self._sizes()]
+        return [cfg.num_image_tokens] * len(self.images)
 
     def reset(self) -> None:
         """Forget the conversation, its images and the cache."""
@@ -108,7 +118,10 @@ class ChatSession:
 
     def prompt_ids(self) -> list[int]:
         """Token ids of the whole conversation so far, ending with the assistant's prompt."""
-        return self.processor.tokenize(self.processor.apply_chat_template(self.messages))
+        text = self.processor.apply_chat_template(self.messages)
+        if self.next:
+            return self.processor.tokenize(text, image_sizes=self._sizes())
+        return self.processor.tokenize(text)
 
     @torch.inference_mode()
     def prefill(self, ids: list[int]) -> torch.Tensor:
@@ -118,15 +131,20 @@ class ChatSession:
         limit = min(len(self.cached_ids), len(ids) - 1)  # the last prompt token is always run
         while keep < limit and self.cached_ids[keep] == ids[keep]:
             keep += 1
-        if ids[keep] == image_id:  # never split an image's block of tokens
-            keep = min(keep, _image_start(ids, ids[:keep].count(image_id) // model.cfg.num_image_tokens, model.cfg))
+        if ids[keep] == image_id:  # never split an image's block of tokens: start at its first
+            counts = self._image_counts()
+            seen, whole = ids[:keep].count(image_id), 0  # image tokens before keep; images complete there
+            while whole < len(counts) and sum(counts[:whole + 1]) <= seen:
+                whole += 1
+            keep = min(keep, _image_start(ids, whole, counts, image_id))
         self.cache.truncate(keep)
         new = torch.tensor([ids[keep:]], device=model.device)  # (1, T)
         n_image_tokens = int((new == image_id).sum())
         feats = None
         if n_image_tokens:
             self._encode_images()
-            feats = torch.cat(self.features)[None, -n_image_tokens:]  # (1, k, C): the last k rows
+            feats = torch.cat(self.features)[-n_image_tokens:]  # (k, C): the last k rows
+            feats = [feats] if self.next else feats[None]  # llava_next: a list per image; else (1, k, C)
         embeds = model.embed(new, image_features=feats)
         hidden = model.language_model(embeds, cache=self.cache)
         self.cached_ids = list(ids)
@@ -134,7 +152,10 @@ class ChatSession:
 
     def _encode_images(self) -> None:
         todo = self.images[len(self.features):]
-        if todo:
+        if todo and self.next:
+            px, sizes = self.processor.preprocess(todo)  # (N, P, 3, S, S), (N, 2)
+            self.features += self.model.image_features(px.to(self.model.device), sizes)  # N x (M_i, C)
+        elif todo:
             px = self.processor.preprocess(todo).to(self.model.device)  # (N, 3, H, W)
             self.features += list(self.model.image_features(px))  # N x (M, C)
 
@@ -164,12 +185,13 @@ class ChatSession:
         self.messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
 
 
-def _image_start(ids: list[int], n: int, cfg) -> int:
-    """Index of the first token of image n (0-based) in ids; len(ids) if there is no such image."""
-    count = 0
+def _image_start(ids: list[int], n: int, counts: list[int], image_id: int) -> int:
+    """Index of the first token of image n (0-based) in ids, image k having counts[k] tokens;
+    len(ids) if there is no such image."""
+    before, seen = sum(counts[:n]), 0  # n may be len(counts): the first image past those counted
     for i, t in enumerate(ids):
-        if t == cfg.image_token_index:
-            if count == n * cfg.num_image_tokens:
+        if t == image_id:
+            if seen == before:
                 return i
-            count += 1
+            seen += 1
     return len(ids)
