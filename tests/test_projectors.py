@@ -24,6 +24,7 @@ CASES = {
     "linear": ("linear", {}, 16),
     "mlp2x_gelu": ("mlp2x_gelu", {}, 16),
     "mlp3x_gelu": ("mlp3x_gelu", {}, 16),
+    "mlp2x_gelu_pos": ("mlp2x_gelu_pos", {}, 16),
     "mlp2x_gelu_full": ("mlp2x_gelu", dict(vision_feature_select_strategy="full"), 17),
     "identity": ("identity", dict(vision_feature_layer=[-2, -3]), 16),  # 2 x 32-d = the 64-d text width
     "avgpool2_mlp2x_gelu": ("avgpool2_mlp2x_gelu", {}, 4),
@@ -78,8 +79,8 @@ def image(seed: int = 0) -> Image.Image:
 def test_output_shape_num_tokens_and_config_agree(base, case):
     kind, overrides, tokens = CASES[case]
     cfg = config(base, kind, **overrides)
-    proj = build_projector(cfg.projector, cfg.vision_feature_dim, cfg.text.hidden_size)
     n = cfg.num_vision_tokens
+    proj = build_projector(cfg.projector, cfg.vision_feature_dim, cfg.text.hidden_size, n)
     x = torch.randn(2, n, cfg.vision_feature_dim)  # (B, N, Dv)
     with torch.no_grad():
         out = proj(x)
@@ -132,6 +133,33 @@ def test_grid_projectors_need_a_square_patch_count(base):
             config(base, kind, vision_feature_select_strategy="full")  # 17 tokens: refused, CLS not dropped
 
 
+def test_positional_mlp_adds_a_row_and_a_column_embedding_to_each_token(base):
+    """mlp2x_gelu_pos = mlp2x_gelu (same weights) + row_embed[r] + col_embed[c] at token r*4 + c;
+    it needs the grid size, a square grid and no CLS."""
+    torch.manual_seed(0)
+    pos = build_projector(ProjectorConfig(kind="mlp2x_gelu_pos"), 32, 64, n_tokens=16)
+    assert pos.row_embed.shape == pos.col_embed.shape == (4, 64) and not pos.row_embed.any()  # starts as mlp2x_gelu
+    plain = build_projector(ProjectorConfig(kind="mlp2x_gelu"), 32, 64)
+    plain.load_state_dict({k: v for k, v in pos.state_dict().items() if k.startswith("linear_")})
+    with torch.no_grad():
+        pos.row_embed.normal_()
+        pos.col_embed.normal_()
+        x = torch.randn(2, 16, 32)  # (B, N, Dv)
+        added = pos(x) - plain(x)  # (B, 16, 64)
+    for r in range(4):
+        for c in range(4):
+            want = pos.row_embed[r] + pos.col_embed[c]
+            assert torch.allclose(added[:, r * 4 + c], want.expand(2, 64), atol=1e-5)
+    with pytest.raises(ConfigError, match=r"mlp2x_gelu_pos.*n_tokens"):
+        build_projector(ProjectorConfig(kind="mlp2x_gelu_pos"), 32, 64)
+    with pytest.raises(ConfigError, match=r"mlp2x_gelu_pos.*N=15"):
+        build_projector(ProjectorConfig(kind="mlp2x_gelu_pos"), 32, 64, n_tokens=15)
+    with pytest.raises(ConfigError, match=r"4x4 patch grid, got 9 tokens"):
+        pos(torch.randn(1, 9, 32))
+    with pytest.raises(ConfigError, match=r"mlp2x_gelu_pos.*CLS.*'full'"):
+        config(base, "mlp2x_gelu_pos", vision_feature_select_strategy="full")
+
+
 def test_grid_that_does_not_divide(base):
     with pytest.raises(ConfigError, match=r"avgpool3_mlp2x_gelu.*4x4.*N=16.*divide by 3"):
         config(base, "avgpool3_mlp2x_gelu")
@@ -142,8 +170,9 @@ def test_grid_that_does_not_divide(base):
 
 
 def test_unknown_projector_lists_the_known_names(base, tmp_path):
-    with pytest.raises(ConfigError, match=r"'mlp2x_relu' is unknown; known: linear, mlpNx_gelu, identity, "
-                                          r"avgpoolK_mlp2x_gelu, cabstractor\[M\], ldp, resamplerQ"):
+    with pytest.raises(ConfigError, match=r"'mlp2x_relu' is unknown; known: linear, mlpNx_gelu, "
+                                          r"mlpNx_gelu_pos, identity, avgpoolK_mlp2x_gelu, cabstractor\[M\], ldp, "
+                                          r"resamplerQ"):
         ProjectorConfig(kind="mlp2x_relu")
     d = json.loads((base / "config.json").read_text())
     d["llava_core_projector"] = "qformer"
@@ -159,7 +188,8 @@ def test_image_seq_length_cross_check_follows_the_projector(base):
 
 
 # The docstring table of projector.py: ViT-L/14-336 (1024-d, 576 patches) into a 4096-d decoder.
-VIT_L = {"linear": (576, 4_198_400), "mlp2x_gelu": (576, 20_979_712), "avgpool2_mlp2x_gelu": (144, 20_979_712),
+VIT_L = {"linear": (576, 4_198_400), "mlp2x_gelu": (576, 20_979_712), "mlp2x_gelu_pos": (576, 21_176_320),
+         "avgpool2_mlp2x_gelu": (144, 20_979_712),
          "cabstractor": (144, 29_429_760), "cabstractor144": (144, 29_429_760), "ldp": (144, 54_640_640),
          "resampler64": (64, 33_645_568)}
 
@@ -167,5 +197,5 @@ VIT_L = {"linear": (576, 4_198_400), "mlp2x_gelu": (576, 20_979_712), "avgpool2_
 @pytest.mark.parametrize("kind", list(VIT_L))
 def test_docstring_counts_for_vit_l(kind):
     with torch.device("meta"):
-        proj = build_projector(ProjectorConfig(kind=kind), 1024, 4096)
+        proj = build_projector(ProjectorConfig(kind=kind), 1024, 4096, n_tokens=576)
     assert (proj.num_tokens(576), sum(p.numel() for p in proj.parameters())) == VIT_L[kind]

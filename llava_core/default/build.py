@@ -162,6 +162,7 @@ def build_default_model(vision: VisionConfig, feature_layer: int = -2, strategy:
         torch.manual_seed(seed)
         model.vision_tower = VisionTower(cfg.vision, cfg.feature_layers,
                                          keep_cls=cfg.vision_feature_select_strategy == "full")
-        model.projector = build_projector(cfg.projector, cfg.vision_feature_dim, cfg.text.hidden_size)
+        model.projector = build_projector(cfg.projector, cfg.vision_feature_dim, cfg.text.hidden_size,
+                                          cfg.num_vision_tokens)
     put_decoder(model, extend_vocab(state, cfg.text.vocab_size))
     return model.to(dtype).eval()

@@ -105,13 +105,14 @@ class TextConfig:
 PROJECTORS: dict[str, str] = {
     "linear": r"linear",
     "mlpNx_gelu": r"mlp(?P<n>[1-9]\d*)x_gelu",  # N linear layers, GELU between
+    "mlpNx_gelu_pos": r"mlp(?P<n>[1-9]\d*)x_gelu_pos",  # the same, plus a learned row and column embedding
     "identity": r"identity",  # vision width must equal text width
     "avgpoolK_mlp2x_gelu": r"avgpool(?P<n>[1-9]\d*)_mlp2x_gelu",  # K x K average pooling, then mlp2x_gelu
     "cabstractor[M]": r"cabstractor(?P<n>[1-9]\d*)?",  # M output tokens (a square); none: a quarter
     "ldp": r"ldp",  # a quarter of the patches
     "resamplerQ": r"resampler(?P<n>[1-9]\d*)",  # Q learned queries -> Q tokens
 }
-GRID_PROJECTORS = ("avgpoolK_mlp2x_gelu", "cabstractor[M]", "ldp")  # need a square patch grid, no CLS
+GRID_PROJECTORS = ("avgpoolK_mlp2x_gelu", "cabstractor[M]", "ldp", "mlpNx_gelu_pos")  # square grid, no CLS
 
 
 def parse_projector(kind: str) -> tuple[str, int | None]:
@@ -142,6 +143,8 @@ def projector_tokens(kind: str, n_tokens: int) -> int:
     if family == "resamplerQ":
         return n
     side = grid_side(n_tokens, kind)
+    if family == "mlpNx_gelu_pos":
+        return n_tokens
     if family == "avgpoolK_mlp2x_gelu" or family == "ldp":
         k = 2 if family == "ldp" else n  # ldp: one stride-2 conv
         if side % k:
@@ -228,7 +231,7 @@ class LlavaConfig:
             raise ConfigError(f"projector 'identity' needs equal widths, but the vision features are "
                               f"{self.vision_feature_dim}-d and text_config.hidden_size is {self.text.hidden_size}")
         if family in GRID_PROJECTORS and self.vision_feature_select_strategy == "full":
-            raise ConfigError(f"projector {kind!r} pools the square patch grid and cannot take the CLS "
+            raise ConfigError(f"projector {kind!r} works on the square patch grid and cannot take the CLS "
                               "token that vision_feature_select_strategy='full' keeps; use 'default'")
         # features per image out of the vision tower, then tokens per image out of the projector
         self.num_vision_tokens = self.vision.num_patches + (self.vision_feature_select_strategy == "full")

@@ -28,7 +28,8 @@ class LlavaModel(nn.Module):
         self.cfg = cfg
         self.vision_tower = VisionTower(cfg.vision, cfg.feature_layers,
                                         keep_cls=cfg.vision_feature_select_strategy == "full")
-        self.projector = build_projector(cfg.projector, cfg.vision_feature_dim, cfg.text.hidden_size)
+        self.projector = build_projector(cfg.projector, cfg.vision_feature_dim, cfg.text.hidden_size,
+                                         cfg.num_vision_tokens)
         self.language_model = LlamaDecoder(cfg.text)
 
     @property

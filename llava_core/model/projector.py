@@ -13,14 +13,15 @@ out; the last two columns for ViT-L/14-336 into a 4096-d decoder (N = 576, Dv = 
 |-------------------------|------------------|--------------------------------------------|-------|---------|-----------|
 | `linear`                | N                | Dv·Dt + Dt                                 | 576   | 4.2M    | LLaVA-1 |
 | `mlp{L}x_gelu`          | N                | Dv·Dt + (L-1)·Dt² + L·Dt                   | 576   | 21.0M (L=2) | LLaVA-1.5 |
+| `mlp{L}x_gelu_pos`      | N                | mlp{L}x_gelu's + 2·√N·Dt                   | 576   | 21.2M (L=2) | LLaVA-1.5 + learned row and column embeddings |
 | `identity`              | N                | 0 (needs Dv == Dt)                         | -     | -       | - |
 | `avgpool{K}_mlp2x_gelu` | (√N/K)²          | Dv·Dt + Dt² + 2·Dt                         | 144   | 21.0M (K=2) | token-pooling baseline |
 | `cabstractor[M]`        | M, else (√N/2)²  | 8·Dv² + 60·Dv + Dv·Dt + Dt² + 2·Dt         | 144   | 29.4M   | Honeybee C-Abstractor (Cha et al. 2024) |
 | `ldp`                   | (√N/2)²          | Dv·Dt + 3·Dt² + 28·Dt                      | 144   | 54.6M   | MobileVLM LDP (Chu et al. 2023) |
 | `resampler{Q}`          | Q                | Q·Dv + 12·Dv² + 17·Dv + Dv·Dt + Dt² + 2·Dt | 64    | 33.6M (Q=64) | Perceiver resampler (Alayrac et al. 2022) |
 
-The grid projectors (avgpool, cabstractor, ldp) fold the N tokens into a √N x √N grid, so N
-must be a square (a ConfigError names N otherwise) and CLS must be gone: they refuse
+The grid projectors (avgpool, cabstractor, ldp, mlpNx_gelu_pos) fold the N tokens into a
+√N x √N grid, so N must be a square (a ConfigError names N otherwise) and CLS must be gone: they refuse
 `vision_feature_select_strategy="full"` (ConfigError) rather than drop CLS behind the caller's
 back. The resampler and the per-token projectors take CLS like any other token.
 
@@ -32,6 +33,7 @@ loader's and the exporter's single projector rule covers them all. config.json c
 read: such a checkpoint loads in llava_core only).
 
     linear, mlpNx_gelu      linear_{1..N}.{weight,bias}
+    mlpNx_gelu_pos          linear_{1..N}.*, row_embed, col_embed (each (√N, Dt))
     identity                (none)
     avgpoolK_mlp2x_gelu     linear_{1,2}.*
     cabstractor[M]          stage_{1,2}.{0,1}.{conv1,conv2,conv3,norm1,norm2,norm3}.*, linear_{1,2}.*
@@ -49,7 +51,8 @@ import torch.nn.functional as F
 from .config import PROJECTORS, ConfigError, ProjectorConfig, grid_side, parse_projector, projector_tokens
 from .layers import Linear  # nn.Linear with the fp32 path for bf16 on CPUs without native bf16
 
-__all__ = ["PROJECTORS", "build_projector", "MLPProjector", "IdentityProjector", "AvgPoolProjector",
+__all__ = ["PROJECTORS", "build_projector", "MLPProjector", "PositionalMLPProjector", "IdentityProjector",
+           "AvgPoolProjector",
            "CAbstractor", "LDPProjector", "ResamplerProjector"]
 
 
@@ -93,6 +96,31 @@ class MLPProjector(nn.Module):
                 x = self.act(x)
             x = getattr(self, f"linear_{i}")(x)
         return x
+
+
+class PositionalMLPProjector(MLPProjector):
+    """`mlp{depth}x_gelu_pos`: LLaVA-1.5's MLP, then a learned embedding of each token's row plus one
+    of its column, added to its output. Rotary positions tell the decoder a token's place in the
+    sequence, from which a row is easy to read and a column is not; this puts both in the
+    token's content. Both tables start at zero, so at initialisation it is `mlp{depth}x_gelu`."""
+
+    def __init__(self, kind: str, in_dim: int, out_dim: int, depth: int, n_tokens: int, bias: bool = True):
+        super().__init__(in_dim, out_dim, depth=depth, bias=bias)
+        self.kind, self.side = kind, grid_side(n_tokens, kind)
+        self.row_embed = nn.Parameter(torch.zeros(self.side, out_dim))  # (s, Dt)
+        self.col_embed = nn.Parameter(torch.zeros(self.side, out_dim))  # (s, Dt)
+
+    def num_tokens(self, n_patches: int) -> int:
+        return projector_tokens(self.kind, n_patches)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: (B, s*s, Dv) in row-major patch order -> (B, s*s, Dt)
+        if x.shape[1] != self.side ** 2:
+            raise ConfigError(f"projector {self.kind!r} was built for a {self.side}x{self.side} patch grid, "
+                              f"got {x.shape[1]} tokens per image")
+        y = super().forward(x)
+        where = self.row_embed[:, None, :] + self.col_embed[None, :, :]  # (s, s, Dt): [r, c] = row r + col c
+        return y + where.reshape(1, self.side ** 2, -1).to(y.dtype)
 
 
 class IdentityProjector(nn.Module):
@@ -254,14 +282,20 @@ class ResamplerProjector(nn.Module):
         return self.linear_2(self.act(self.linear_1(self.norm_out(q))))  # (B, Q, Dt)
 
 
-def build_projector(cfg: ProjectorConfig, in_dim: int, out_dim: int) -> nn.Module:
-    """The projector `cfg.kind` names, from in_dim-wide vision features to out_dim-wide embeddings."""
+def build_projector(cfg: ProjectorConfig, in_dim: int, out_dim: int, n_tokens: int | None = None) -> nn.Module:
+    """The projector `cfg.kind` names, from in_dim-wide vision features to out_dim-wide embeddings;
+    n_tokens: vision tokens per image (LlavaConfig.num_vision_tokens), which `mlpNx_gelu_pos` needs."""
     kind = cfg.kind
     family, n = parse_projector(kind)  # an unknown name: ConfigError listing the known ones
     if family == "linear":
         return MLPProjector(in_dim, out_dim, depth=1, bias=cfg.bias)
     if family == "mlpNx_gelu":
         return MLPProjector(in_dim, out_dim, depth=n, bias=cfg.bias)
+    if family == "mlpNx_gelu_pos":
+        if n_tokens is None:
+            raise ConfigError(f"projector {kind!r} needs the vision tokens per image (n_tokens) to size its "
+                              "row and column tables")
+        return PositionalMLPProjector(kind, in_dim, out_dim, depth=n, n_tokens=n_tokens, bias=cfg.bias)
     if family == "identity":
         if in_dim != out_dim:
             raise ConfigError(f"projector 'identity' needs equal widths, but the vision features are "

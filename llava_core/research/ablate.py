@@ -76,8 +76,8 @@ def with_projector(base, kind: str, seed: int):
         model = LlavaModel(cfg)  # a skeleton; its parts are replaced below
     model.vision_tower, model.language_model = base.vision_tower, base.language_model
     torch.manual_seed(seed)
-    model.projector = build_projector(cfg.projector, cfg.vision_feature_dim, cfg.text.hidden_size).to(
-        device=base.device, dtype=base.dtype)
+    model.projector = build_projector(cfg.projector, cfg.vision_feature_dim, cfg.text.hidden_size,
+                                      cfg.num_vision_tokens).to(device=base.device, dtype=base.dtype)
     return model
 
 
@@ -205,7 +205,7 @@ def run_sweep(model_path: str, out_dir: str | Path, cfg: AblationConfig, resume:
         try:
             c = config_with(base.cfg, kind)
             with torch.device("meta"):
-                build_projector(c.projector, c.vision_feature_dim, c.text.hidden_size)
+                build_projector(c.projector, c.vision_feature_dim, c.text.hidden_size, c.num_vision_tokens)
         except ConfigError as e:
             raise ConfigError(f"--projectors {kind}: {e}") from None
     csv_path = out / "ablation.csv"
