@@ -80,9 +80,16 @@ def lora_r16(r) -> None:
     r.stage2.lora_r, r.stage2.lora_alpha = 16, 32
 
 
+def pos_projector(r) -> None:
+    """The projector with a learned row and column embedding per image token (mlp2x_gelu_pos):
+    the decoder reads a token's row from its place in the sequence but never its column
+    (`llava-core token-order default`); this puts both in the token's content."""
+    r.projector = "mlp2x_gelu_pos"
+
+
 VARIANTS = {"shipped": lambda r: None, "content_route": content_route, "position_heads": position_heads,
             "position_mix": position_mix, "mirror_twins": mirror_twins, "reading_light": reading_light,
-            "lora_r16": lora_r16}
+            "lora_r16": lora_r16, "pos_projector": pos_projector}
 
 
 def variant_recipe(name: str, steps_scale: float = 1.0, seed: int | None = None):
