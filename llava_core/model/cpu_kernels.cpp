@@ -248,6 +248,21 @@ static inline void block_products(const float* xk, const float* x, int64_t M, in
 // Inputs go through block_products this many at a time (its output lives on the stack).
 static constexpr int64_t kInputsAtOnce = 8;
 
+// Up to four rows of w (and of w2, the same rows of a second matrix, or null) against all M inputs:
+// emit(m, r, w[r] . x[m], w2[r] . x[m] or 0) for each input m and row r.
+template <typename W, typename Emit>
+static inline void rows_products(const float* xk, const float* x, int64_t M, int64_t K, const W* w, const W* w2,
+                                 int64_t rows, Emit emit) {
+  for (int64_t m0 = 0; m0 < M; m0 += kInputsAtOnce) {
+    const int64_t mn = std::min(kInputsAtOnce, M - m0);
+    float s[4 * kInputsAtOnce], u[4 * kInputsAtOnce] = {};
+    block_products(xk + m0 * K, x + m0 * K, mn, K, w, rows, s);
+    if (w2) block_products(xk + m0 * K, x + m0 * K, mn, K, w2, rows, u);
+    for (int64_t m = 0; m < mn; ++m)
+      for (int64_t r = 0; r < rows; ++r) emit(m0 + m, r, s[m * 4 + r], u[m * 4 + r]);
+  }
+}
+
 // Below this many weight bytes a product runs on one thread: waking the others costs more.
 static constexpr int64_t kParallelBytes = 1 << 18;
 
@@ -288,22 +303,15 @@ static void gemv_impl(const std::vector<float>& xf, int64_t M, int64_t K, const 
       const int64_t N = ws[i].size(0), n0 = (blk - first_block[i]) * 4, rows = std::min<int64_t>(4, N - n0);
       const W* w = wp[i] + n0 * K;
       O* out = op[i];
-      for (int64_t m0 = 0; m0 < M; m0 += kInputsAtOnce) {
-        const int64_t mn = std::min(kInputsAtOnce, M - m0);
-        const float *x = xf.data() + m0 * K, *xr = xk.data() + m0 * K;
-        float s[4 * kInputsAtOnce], u[4 * kInputsAtOnce];
-        block_products(xr, x, mn, K, w, rows, s);
-        if (swiglu) block_products(xr, x, mn, K, wp[1] + n0 * K, rows, u);
-        for (int64_t m = 0; m < mn; ++m)
-          for (int r = 0; r < rows; ++r) {
-            float v = sp.empty() ? s[m * 4 + r] : s[m * 4 + r] * sp[i][n0 + r];
-            if (swiglu) {
-              const float g = round_as<O>(v), up = sp.empty() ? u[m * 4 + r] : u[m * 4 + r] * sp[1][n0 + r];
-              v = round_as<O>(silu(g)) * round_as<O>(up);
-            }
-            store1(out + (m0 + m) * N + n0 + r, v);
-          }
-      }
+      rows_products(xk.data(), xf.data(), M, K, w, swiglu ? wp[1] + n0 * K : nullptr, rows,
+                    [&](int64_t m, int64_t r, float s, float u) {
+        float v = sp.empty() ? s : s * sp[i][n0 + r];
+        if (swiglu) {
+          const float g = round_as<O>(v), up = sp.empty() ? u : u * sp[1][n0 + r];
+          v = round_as<O>(silu(g)) * round_as<O>(up);
+        }
+        store1(out + m * N + n0 + r, v);
+      });
     }
   });
 }
@@ -387,13 +395,8 @@ static inline void product_share(const float* xk, const float* x, int64_t M, int
   share((N + 3) / 4, tid, nt, lo, hi);
   for (int64_t blk = lo; blk < hi; ++blk) {
     const int64_t n0 = blk * 4, rows = std::min<int64_t>(4, N - n0);
-    for (int64_t m0 = 0; m0 < M; m0 += kInputsAtOnce) {
-      const int64_t mn = std::min(kInputsAtOnce, M - m0);
-      float s[4 * kInputsAtOnce];
-      block_products(xk + m0 * K, x + m0 * K, mn, K, w + n0 * K, rows, s);
-      for (int64_t m = 0; m < mn; ++m)
-        for (int r = 0; r < rows; ++r) emit(m0 + m, n0 + r, scale ? s[m * 4 + r] * scale[n0 + r] : s[m * 4 + r]);
-    }
+    rows_products(xk, x, M, K, w + n0 * K, static_cast<const W*>(nullptr), rows,
+                  [&](int64_t m, int64_t r, float s, float) { emit(m, n0 + r, scale ? s * scale[n0 + r] : s); });
   }
 }
 
@@ -550,18 +553,12 @@ static void decode_layers_impl(const Step& st, const std::vector<Layer<W, T>>& l
       share((I + 3) / 4, tid, n, lo, hi);
       for (int64_t blk = lo; blk < hi; ++blk) {
         const int64_t n0 = blk * 4, rows = std::min<int64_t>(4, I - n0);
-        for (int64_t m0 = 0; m0 < B; m0 += kInputsAtOnce) {
-          const int64_t mn = std::min(kInputsAtOnce, B - m0);
-          float g[4 * kInputsAtOnce], u[4 * kInputsAtOnce];
-          block_products(ink.data() + m0 * C, in.data() + m0 * C, mn, C, L.w[4] + n0 * C, rows, g);
-          block_products(ink.data() + m0 * C, in.data() + m0 * C, mn, C, L.w[5] + n0 * C, rows, u);
-          for (int64_t m = 0; m < mn; ++m)
-            for (int r = 0; r < rows; ++r) {
-              const float gr = round_as<T>(L.s[4] ? g[m * 4 + r] * L.s[4][n0 + r] : g[m * 4 + r]);
-              const float ur = round_as<T>(L.s[5] ? u[m * 4 + r] * L.s[5][n0 + r] : u[m * 4 + r]);
-              a[(m0 + m) * I + n0 + r] = round_as<T>(round_as<T>(silu(gr)) * ur);
-            }
-        }
+        rows_products(ink.data(), in.data(), B, C, L.w[4] + n0 * C, L.w[5] + n0 * C, rows,
+                      [&](int64_t m, int64_t r, float g, float u) {
+          const float gr = round_as<T>(L.s[4] ? g * L.s[4][n0 + r] : g);
+          const float ur = round_as<T>(L.s[5] ? u * L.s[5][n0 + r] : u);
+          a[m * I + n0 + r] = round_as<T>(round_as<T>(silu(gr)) * ur);
+        });
       }
       bar.wait(sense);
       // 5. down_proj, added to the residual
