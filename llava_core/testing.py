@@ -185,6 +185,17 @@ def make_tiny_next_checkpoint(folder: str | Path, *, seed: int = 0, text: dict |
     return folder
 
 
+def reference_processor(folder: str | Path):
+    """transformers' processor for a checkpoint folder, the tests' oracle: the PIL image backend
+    (the one whose resizing ours follows), left padding (as ours pads, and batched generation needs)."""
+    from transformers import AutoProcessor
+    proc = AutoProcessor.from_pretrained(folder, backend="pil")
+    backend = proc.image_processor.backend
+    assert backend == "pil", f"{folder}: transformers gave the {backend} image backend"
+    proc.tokenizer.padding_side = "left"
+    return proc
+
+
 def random_image(seed: int, size: tuple[int, int] = (300, 200)):
     """A (width, height) RGB PIL image of seeded uniform noise."""
     from PIL import Image

@@ -24,7 +24,7 @@ from llava_core.model.next_config import LlavaNextConfig, read_config
 from llava_core.model.processor_next import LlavaNextProcessor
 from llava_core.runtime.decode import SamplingParams, generate_tokens
 from llava_core.runtime.generate import generate
-from llava_core.testing import MISTRAL_TEMPLATE, make_tiny_next_checkpoint, to_hub_layout
+from llava_core.testing import MISTRAL_TEMPLATE, make_tiny_next_checkpoint, reference_processor, to_hub_layout
 
 # (height, width): landscape, portrait, square, tiny, one-pixel strips, a large photo-like shape
 SIZES = [(40, 90), (90, 40), (50, 50), (7, 5), (1, 64), (64, 1), (33, 64), (200, 31), (480, 640)]
@@ -43,10 +43,8 @@ def ours(next_ckpt):
 
 @pytest.fixture(scope="module")
 def ref_proc(next_ckpt):
-    from transformers import AutoProcessor
-    proc = AutoProcessor.from_pretrained(next_ckpt, backend="pil")
-    assert type(proc).__name__ == "LlavaNextProcessor" and proc.image_processor.backend == "pil"
-    proc.tokenizer.padding_side = "left"  # as we pad, and as batched generation needs
+    proc = reference_processor(next_ckpt)
+    assert type(proc).__name__ == "LlavaNextProcessor"
     return proc
 
 
@@ -253,12 +251,11 @@ def test_missing_newline_is_named(tmp_path, next_ckpt):
 
 
 def test_next_mistral_with_mistral_template(tmp_path):
-    from transformers import AutoProcessor, LlavaNextForConditionalGeneration
+    from transformers import LlavaNextForConditionalGeneration
     folder = make_tiny_next_checkpoint(tmp_path / "nm", seed=3, chat_template=MISTRAL_TEMPLATE,
                                        text=dict(model_type="mistral", sliding_window=None))
     ours = LlavaNextProcessor.from_pretrained(folder)
-    ref_proc = AutoProcessor.from_pretrained(folder, backend="pil")
-    ref_proc.tokenizer.padding_side = "left"
+    ref_proc = reference_processor(folder)
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is shown?"}]}]
     text = ours.prompt("What is shown?")
     assert text == "[INST] <image>\nWhat is shown? [/INST]"

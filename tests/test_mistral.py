@@ -17,7 +17,7 @@ from llava_core.model.llama import LlamaDecoder
 from llava_core.model.processor import LlavaProcessor
 from llava_core.runtime.cuda_graph import static_step
 from llava_core.runtime.decode import SamplingParams, decode_one, generate_tokens, prefill
-from llava_core.testing import MISTRAL_TEMPLATE, make_tiny_checkpoint
+from llava_core.testing import MISTRAL_TEMPLATE, make_tiny_checkpoint, reference_processor
 
 
 @pytest.fixture(scope="module")
@@ -44,11 +44,9 @@ def _hf(folder, attn="sdpa"):
 def test_bakllava_logits_and_greedy_match(bakllava):
     import numpy as np
     from PIL import Image
-    from transformers import AutoProcessor
 
     ours = LlavaProcessor.from_pretrained(bakllava)
-    ref_proc = AutoProcessor.from_pretrained(bakllava, backend="pil")
-    ref_proc.tokenizer.padding_side = "left"
+    ref_proc = reference_processor(bakllava)
     # the checkpoint's Mistral template is used as is
     text = ours.prompt("What is shown?")
     assert text == "[INST] <image>\nWhat is shown? [/INST]"

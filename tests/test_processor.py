@@ -17,7 +17,7 @@ from PIL import Image
 
 from llava_core.model.config import ConfigError
 from llava_core.model.processor import VICUNA_V1_SYSTEM, LlavaProcessor, ProcessorError
-from llava_core.testing import CLIP_MEAN, CLIP_STD, make_tiny_checkpoint
+from llava_core.testing import CLIP_MEAN, CLIP_STD, make_tiny_checkpoint, reference_processor
 
 PIXEL_TOL = 1e-6
 SIZES = [(336, 336), (500, 375), (375, 500), (100, 700), (1024, 768), (37, 51)]  # (width, height)
@@ -30,11 +30,7 @@ def ours(tiny_ckpt):
 
 @pytest.fixture(scope="module")
 def hf_proc(tiny_ckpt):
-    from transformers import AutoProcessor
-    proc = AutoProcessor.from_pretrained(tiny_ckpt, backend="pil")
-    assert proc.image_processor.backend == "pil"
-    proc.tokenizer.padding_side = "left"
-    return proc
+    return reference_processor(tiny_ckpt)
 
 
 @pytest.fixture(scope="module")
