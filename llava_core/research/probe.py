@@ -279,16 +279,22 @@ def image_attention(model: LlavaModel, processor, image, question: str, *,
     w = cap.attention[0]  # (La, H, Q, M)
     if head_idx is not None:
         w = w[:, head_idx]
-    per_token = w.mean(dim=(0, 1, 2))  # (M,)
-    if model.vision_tower.keep_cls:
-        per_token = per_token[1:]  # the "full" strategy's CLS has no place in the grid
-    grid = math.isqrt(per_token.numel())  # patches, or a pooled grid (avgpool, cabstractor, ldp)
-    if grid * grid != per_token.numel():
-        raise ValueError(f"projector {model.cfg.projector.kind!r} emits {per_token.numel()} tokens per image, "
-                         "not a square grid: its tokens have no place on the image (e.g. a resampler's queries)")
-    attn_map = per_token.reshape(grid, grid).cpu()  # (grid_h, grid_w), row-major as the patches
+    attn_map = on_grid(model, w.mean(dim=(0, 1, 2))).cpu()  # (M,) -> (grid_h, grid_w)
     return ImageAttention(attn_map, run.answer, run.answer_ids, cap.attention_layers,
                           image_box(processor, image.size))
+
+
+def on_grid(model, per_token: torch.Tensor) -> torch.Tensor:
+    """Values per image token (..., M) laid out on the image's grid (..., g, g), row-major as the
+    patches; the "full" strategy's CLS, which has no place on the image, is dropped."""
+    if model.vision_tower.keep_cls:
+        per_token = per_token[..., 1:]
+    n = per_token.shape[-1]
+    grid = math.isqrt(n)  # patches, or a pooled grid (avgpool, cabstractor, ldp)
+    if grid * grid != n:
+        raise ValueError(f"projector {model.cfg.projector.kind!r} emits {n} tokens per image, not a square "
+                         "grid: its tokens have no place on the image (e.g. a resampler's queries)")
+    return per_token.reshape(*per_token.shape[:-1], grid, grid)
 
 
 def image_box(processor, size: tuple[int, int]) -> tuple[float, float, float, float]:

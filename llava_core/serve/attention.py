@@ -8,12 +8,10 @@ the patch grid. Must run in the engine's thread (BatchEngine.call): the probe ho
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from ..model.llava import LlavaModel
-from ..research.probe import capture, image_box, image_positions
+from ..research.probe import capture, image_box, image_positions, on_grid
 
 
 @torch.inference_mode()
@@ -30,13 +28,8 @@ def answer_attention(model: LlavaModel, processor, prompt_ids: list[int], pixel_
     queries = list(range(T - 1, T - 1 + len(answer_ids)))  # position t chose token t + 1
     with capture(model, projector=False, decoder=False, attention=True, queries=queries, keys=img) as cap:
         model(ids, pixel_values.to(model.device, model.dtype))
-    w = cap.attention[0].mean(dim=(0, 1))  # (La, H, Q, M) -> (Q, M)
-    if model.vision_tower.keep_cls:
-        w = w[:, 1:]  # the CLS token has no place on the grid
-    grid = math.isqrt(w.shape[1])
-    if grid * grid != w.shape[1]:
-        raise ValueError(f"{w.shape[1]} image tokens per image are not a square grid")
-    maps = w.reshape(len(answer_ids), grid, grid)  # (Q, gh, gw), row-major as the patches
+    maps = on_grid(model, cap.attention[0].mean(dim=(0, 1)))  # (La, H, Q, M) -> (Q, M) -> (Q, gh, gw)
+    grid = maps.shape[-1]
     tok = processor.tokenizer
     pieces, before = [], ""
     for i in range(len(answer_ids)):  # each token's text as the answer's decoded text grows
