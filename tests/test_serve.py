@@ -297,3 +297,20 @@ def raw_attention(stack, body):
     r = httpx.post(stack["url"] + "/v1/attention", json=body, timeout=30)
     assert set(r.json()["error"]) == {"message", "type", "param", "code"}
     return r.status_code
+
+
+def test_a_16_bit_data_url_is_scaled_as_the_library_scales_it():
+    """A 16-bit grayscale PNG sent as a data URL becomes the same RGB image as the same file given
+    to the library (scaled to 8 bits; Pillow's own convert would clip almost every pixel to 255)."""
+    import numpy as np
+
+    from llava_core.model.image_io import to_rgb
+    from llava_core.serve.images import load_image_url
+    ramp = (np.arange(64 * 32, dtype=np.uint16).reshape(32, 64) * 32)  # 0 .. 65504
+    buf = io.BytesIO()
+    Image.fromarray(ramp).save(buf, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    got = np.asarray(load_image_url(url, Limits(), None, "image_url"))
+    want = np.asarray(to_rgb(Image.open(io.BytesIO(buf.getvalue()))))
+    assert Image.open(io.BytesIO(buf.getvalue())).mode.startswith("I")  # really a 16-bit image
+    assert np.array_equal(got, want) and (got == 255).mean() < 0.01

@@ -14,6 +14,7 @@ from urllib.parse import unquote, urlparse
 
 from PIL import Image
 
+from ..model.image_io import to_rgb
 from .protocol import APIError, Limits
 
 FORMATS = {"image/png": "PNG", "image/jpeg": "JPEG", "image/jpg": "JPEG", "image/webp": "WEBP"}
@@ -93,6 +94,7 @@ def _decode(data: bytes, limits: Limits, param: str, expected: str | None) -> Im
             if w < 1 or h < 1:
                 raise APIError(f"{param}: the image is {w}x{h}", param=param, code="invalid_image")
             im.load()
+            return to_rgb(im)  # as the library converts: high bit depths scaled, alpha over white
     except APIError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -101,7 +103,3 @@ def _decode(data: bytes, limits: Limits, param: str, expected: str | None) -> Im
     except Exception as e:  # PIL raises many kinds on broken data
         raise APIError(f"{param}: not a readable image ({type(e).__name__}: {e})", param=param,
                        code="invalid_image") from None
-    if "A" in im.getbands() or "transparency" in im.info:  # alpha over white, as processor.load_image
-        im = im.convert("RGBA")
-        return Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im).convert("RGB")
-    return im.convert("RGB")
