@@ -87,9 +87,17 @@ def pos_projector(r) -> None:
     r.projector = "mlp2x_gelu_pos"
 
 
+def reader(r) -> None:
+    """A 2-block caption reader on the tower's patch tokens in stage 0 (Stage0Config.reader):
+    the tower is asked to let a small causal transformer read each caption, OCR words and
+    document rows spelt out, in the order the decoder will read the tokens."""
+    r.stage0.reader = 2
+
+
 VARIANTS = {"shipped": lambda r: None, "content_route": content_route, "position_heads": position_heads,
             "position_mix": position_mix, "mirror_twins": mirror_twins, "reading_light": reading_light,
-            "lora_r16": lora_r16, "pos_projector": pos_projector}
+            "lora_r16": lora_r16, "pos_projector": pos_projector,
+            "reader": reader}
 
 
 def variant_recipe(name: str, steps_scale: float = 1.0, seed: int | None = None):
@@ -144,7 +152,7 @@ def run(args) -> None:
     if args.start is not None:
         start_from(args.start, out, args.name)
         stages = (2,)
-    summary = run_recipe(out, recipe, stages=stages, device=args.device, workers=args.workers)
+    summary = run_recipe(out, recipe, stages=stages, device=args.device, workers=args.workers, resume=args.resume)
     print(f"{out.name}: trained in {summary['elapsed_s']:.0f} s on {summary['device']}", flush=True)
     subprocess.run([sys.executable, "-m", "llava_core.cli.main", "eval", str(out / "parts"), "--suite", "synthetic",
                     "-n", str(args.n), "--device", args.device, "--dtype", "float32",
@@ -199,6 +207,7 @@ def main() -> None:
     r.add_argument("--from", dest="start", type=Path, metavar="RUN",
                    help="train stage 2 alone, from RUN/train's stage-0 tower and stage-1 projector")
     r.add_argument("-n", type=int, default=200, help="questions per split")
+    r.add_argument("--resume", action="store_true", help="continue an interrupted run in OUT/NAME")
     r.set_defaults(func=run)
     t = sub.add_parser("table", help="print the scores of every variant under OUT")
     t.add_argument("out", type=Path)

@@ -327,6 +327,54 @@ def test_position_heads_ask_each_patch_for_its_own_row_and_column():
     assert {"aux_row_acc", "aux_col_acc"} <= set(acc1) and not {"aux_row_acc", "aux_col_acc"} & set(acc0)
 
 
+def test_the_reader_reads_the_caption_causally_after_the_patch_tokens():
+    """Reader: the logit for caption token j+1 depends on the patch tokens and caption tokens
+    0..j only; its loss is the cross-entropy over the real (non-pad) next tokens; a word counts
+    as read exactly when every spelt character of an OCR caption is the arg max."""
+    import torch.nn.functional as F
+
+    from llava_core.train.stage0_clip import PairBatches, Reader
+
+    cfg = stage0_cfg(1)
+    _, text, targets = PairBatches(VISION, dataclasses.replace(cfg, mix={"ocr": 0.5, "caption_detailed": 0.5}))(0)
+    torch.manual_seed(0)
+    reader = Reader(VISION, cfg.text, layers=2).eval()
+    tokens = torch.randn(len(text), VISION.grid ** 2, VISION.hidden_size)  # (B, P, D)
+    logits = {}
+
+    def hook(_, __, out):
+        logits["x"] = out
+
+    reader.head.register_forward_hook(hook)
+    with torch.no_grad():
+        loss, metrics = reader(tokens, text, targets["ocr"])
+        first = logits["x"].clone()  # (B, L-1, V)
+        L = int((text != 0).sum(1).max())
+        tgt = text[:, 1:L]
+        assert torch.allclose(loss, F.cross_entropy(first.flatten(0, 1), tgt.flatten(), ignore_index=0))
+        changed = text.clone()
+        changed[:, 3] = (changed[:, 3] + 1) % reader.embed.num_embeddings
+        reader(tokens, changed, targets["ocr"])
+        diff = (logits["x"] - first).abs().amax((0, 2))  # (L-1,)
+        assert diff[:3].max() == 0 and diff[3:].min() > 0  # token 3 is seen from the prediction of token 4 on
+        reader(tokens + torch.randn_like(tokens), text, targets["ocr"])
+        assert (logits["x"] - first).abs().amax((0, 2)).min() > 0  # every prediction sees the image
+    right = first.argmax(-1) == tgt
+    spelled = reader.spelled[tgt]
+    want = [bool((right[b] | ~spelled[b]).all()) for b in range(len(text)) if targets["ocr"][b]]
+    assert targets["ocr"].any() and metrics["reader_ocr_exact"] == round(sum(want) / len(want), 4)
+    assert spelled[targets["ocr"]].sum() >= 3 * int(targets["ocr"].sum())  # 3-6 characters per word
+
+
+def test_stage0_with_a_reader_learns_and_keeps_the_tower_exact(tmp_path):
+    m = train_stage0(tmp_path, VISION, dataclasses.replace(stage0_cfg(16), reader=1), threads=1)
+    rows = read_jsonl(tmp_path / "stage0.jsonl")
+    assert falls([r["reader_loss"] for r in rows])
+    assert {"reader_acc", "reader_char_acc"} <= set(rows[-1])
+    tower = VisionTower(VISION, [-1], keep_cls=False).eval()
+    load_visual(tower, visual_state(m.clip))  # the reader is not part of the tower
+
+
 def test_clip_visual_is_the_tower():
     clip = build_clip(VISION, TextTowerConfig(width=32, heads=2, layers=1), 16)
     tower = VisionTower(VISION, [-1], keep_cls=False)

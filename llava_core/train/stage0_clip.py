@@ -21,6 +21,12 @@ steps measured here, left cell colour *less* linearly readable than a random tow
 0.93) and shape, count and characters at chance; these heads ask the very tokens the projector
 will see to make those facts linearly readable. Shape is still the slowest to come.
 
+The reader (`reader > 0` blocks): a small causal transformer reads each image's caption, token
+by token, after the feature layer's patch tokens in row-major order, as the decoder will read
+them (captioning pretraining, CapPa's and LocCa's objective). Linear heads ask a token what lies
+on it; the reader asks the tokens, in sequence, for the text in order and for where each
+object is, which is what OCR and left/right answers need.
+
     python -m llava_core.train --out runs/r1 --stage 0 --budget-minutes 15   # no decoder needed
     torchrun --nproc_per_node 2 -m llava_core.train --out runs/r1 --stage 0 --budget-minutes 15
 """
@@ -308,6 +314,49 @@ class AuxHeads(nn.Module):
         return loss, acc
 
 
+class Reader(nn.Module):
+    """A causal transformer over [patch tokens ; caption tokens] that predicts each next caption
+    token: patch tokens (B, P, D) -> LayerNorm -> linear to the reader's width, caption ids
+    embedded, learned positions over the whole sequence, `layers` open_clip blocks."""
+
+    def __init__(self, vision: VisionConfig, text: TextTowerConfig, layers: int):
+        super().__init__()
+        from open_clip.transformer import Transformer
+
+        tok = CaptionTokenizer(text.context_length)
+        w, n = text.width, vision.grid ** 2 + text.context_length
+        self.norm_in = nn.LayerNorm(vision.hidden_size)
+        self.inp = nn.Linear(vision.hidden_size, w)
+        self.embed = nn.Embedding(tok.vocab_size, w)
+        self.pos = nn.Parameter(torch.randn(n, w) * 0.01)
+        self.blocks = Transformer(w, layers, text.heads)
+        self.norm_out = nn.LayerNorm(w)
+        self.head = nn.Linear(w, tok.vocab_size)
+        self.register_buffer("mask", torch.full((n, n), float("-inf")).triu(1), persistent=False)
+        spelled = torch.zeros(tok.vocab_size, dtype=torch.bool)  # ids of spelt upper-case letters and digits
+        spelled[[tok.vocab[c] for c in OCR_CHARS[1:]]] = True
+        self.register_buffer("spelled", spelled, persistent=False)
+
+    def forward(self, tokens: torch.Tensor, text: torch.Tensor, ocr: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        # tokens: (B, P, D) patch tokens; text: (B, C) caption ids, 0-padded; ocr: (B,) OCR scenes
+        P, L = tokens.shape[1], int((text != 0).sum(1).max())
+        inp, tgt = text[:, :L - 1], text[:, 1:L]  # (B, L-1): start..last -> first..end
+        x = torch.cat([self.inp(self.norm_in(tokens)), self.embed(inp)], 1)  # (B, P+L-1, W)
+        n = x.shape[1]
+        x = self.blocks(x + self.pos[:n], attn_mask=self.mask[:n, :n])
+        logits = self.head(self.norm_out(x[:, P:]))  # (B, L-1, V): position P+j predicts tgt[:, j]
+        loss = F.cross_entropy(logits.flatten(0, 1), tgt.flatten(), ignore_index=0)
+        with torch.no_grad():
+            right, real = logits.argmax(-1) == tgt, tgt != 0  # (B, L-1)
+            chars = self.spelled[tgt]  # (B, L-1)
+            metrics = {"reader_acc": round(float(right[real].float().mean()), 4),
+                       "reader_char_acc": round(float(right[chars].float().mean()), 4) if chars.any() else None}
+            if ocr.any():  # a word read exactly: every one of its characters right, greedy reading would agree
+                exact = (right | ~chars).all(1)
+                metrics["reader_ocr_exact"] = round(float(exact[ocr].float().mean()), 4)
+        return loss, {k: v for k, v in metrics.items() if v is not None}
+
+
 # --- the stage ----------------------------------------------------------------------------
 
 @dataclass
@@ -325,7 +374,8 @@ class Stage0Config:
     # also ask each patch token for its own row and column. Tried with the shipped run's steps:
     # position became 99.9% readable per token, answers did not improve (benchmarks/default_model.md)
     aux_position: bool = False
-    feature_layer: int = -1  # the layer the aux heads read (the LLaVA feature layer)
+    feature_layer: int = -1  # the layer the aux heads and the reader read (the LLaVA feature layer)
+    reader: int = 0  # blocks of the caption reader on the patch tokens (0: no reader); its loss weighs 1
     split: str = "train"
     offset: int = 0  # first sample index
     seed: int = 0
@@ -360,6 +410,7 @@ class PairBatches:
         targets = cell_targets(samples)
         targets["char"] = char_targets(samples, self.vision)
         targets.update({f"patch_{k}": v for k, v in patch_targets(samples, self.vision).items()})
+        targets["ocr"] = torch.tensor([s["meta"]["kind"] == "text" for s in samples])
         return px, text, targets
 
 
@@ -387,15 +438,17 @@ class Stage0Model(nn.Module):
         self.block = vision.num_hidden_layers + cfg.feature_layer if cfg.feature_layer < 0 else cfg.feature_layer - 1
         self.aux = AuxHeads(vision, cfg.aux_position) if cfg.aux_weight > 0 else None
         self.aux_weight = cfg.aux_weight
+        self.reader = Reader(vision, cfg.text, cfg.reader) if cfg.reader > 0 else None
         self.loss = ClipLoss(local_loss=dist.enabled, gather_with_grad=dist.enabled, rank=dist.rank,
                              world_size=dist.world)
 
     def forward(self, px, text, targets):
         visual = self.clip.visual
-        if self.aux is not None:
+        patches = None
+        if self.aux is not None or self.reader is not None:
             out = visual.forward_intermediates(px, indices=[self.block], output_fmt="NLC",
                                                intermediates_only=False)
-            img = out["image_features"]
+            img, patches = out["image_features"], out["image_intermediates"][0]  # patches: (B, P, D)
         else:
             img = visual(px)
         img = F.normalize(img, dim=-1)
@@ -407,9 +460,13 @@ class Stage0Model(nn.Module):
             right = (img @ txt.T).argmax(1) == torch.arange(len(img), device=img.device)
             metrics["i2t_acc"] = round(float(right.float().mean()), 4)
         if self.aux is not None:
-            aux, acc = self.aux(out["image_intermediates"][0], targets)
+            aux, acc = self.aux(patches, targets)
             loss = loss + self.aux_weight * aux
             metrics.update(acc)
+        if self.reader is not None:
+            read, acc = self.reader(patches, text, targets["ocr"])
+            loss = loss + read
+            metrics.update(reader_loss=round(float(read.detach()), 5), **acc)
         return loss, metrics
 
 
