@@ -29,6 +29,7 @@ CASES = {
     "identity": ("identity", dict(vision_feature_layer=[-2, -3]), 16),  # 2 x 32-d = the 64-d text width
     "avgpool2_mlp2x_gelu": ("avgpool2_mlp2x_gelu", {}, 4),
     "avgpool4_mlp2x_gelu": ("avgpool4_mlp2x_gelu", {}, 1),
+    "shuffle2_mlp2x_gelu": ("shuffle2_mlp2x_gelu", {}, 4),
     "cabstractor": ("cabstractor", {}, 4),
     "cabstractor9": ("cabstractor9", dict(vision_feature_layer=[-1, -2]), 9),  # 4x4 -> 3x3
     "ldp": ("ldp", {}, 4),
@@ -123,7 +124,7 @@ def test_identity_with_mismatched_widths(base):
 
 
 def test_grid_projectors_need_a_square_patch_count(base):
-    for kind in ("avgpool2_mlp2x_gelu", "cabstractor", "ldp"):
+    for kind in ("avgpool2_mlp2x_gelu", "shuffle2_mlp2x_gelu", "cabstractor", "ldp"):
         with pytest.raises(ConfigError, match=rf"{kind}.*N=15"):
             projector_tokens(kind, 15)
         proj = build_projector(ProjectorConfig(kind=kind), 32, 64)
@@ -171,7 +172,7 @@ def test_grid_that_does_not_divide(base):
 
 def test_unknown_projector_lists_the_known_names(base, tmp_path):
     with pytest.raises(ConfigError, match=r"'mlp2x_relu' is unknown; known: linear, mlpNx_gelu, "
-                                          r"mlpNx_gelu_pos, identity, avgpoolK_mlp2x_gelu, cabstractor\[M\], ldp, "
+                                          r"mlpNx_gelu_pos, identity, avgpoolK_mlp2x_gelu, shuffleK_mlp2x_gelu, cabstractor\[M\], ldp, "
                                           r"resamplerQ"):
         ProjectorConfig(kind="mlp2x_relu")
     d = json.loads((base / "config.json").read_text())
@@ -187,9 +188,25 @@ def test_image_seq_length_cross_check_follows_the_projector(base):
         config(base, "avgpool2_mlp2x_gelu", image_seq_length=16)
 
 
+def test_shuffle_puts_each_2x2_block_of_patches_side_by_side_in_one_token():
+    """shuffle2 on a 4x4 grid: token (r, c) of the 2x2 output is the MLP of the concatenation of
+    patches (2r, 2c), (2r, 2c+1), (2r+1, 2c), (2r+1, 2c+1), in that order; nothing is pooled."""
+    torch.manual_seed(0)
+    proj = build_projector(ProjectorConfig(kind="shuffle2_mlp2x_gelu"), 8, 16)
+    x = torch.randn(2, 16, 8)  # (B, N, Dv), row-major 4x4
+    out = proj(x)  # (B, 4, Dt)
+    for r in range(2):
+        for c in range(2):
+            block = [x[:, (2 * r + i) * 4 + 2 * c + j] for i in range(2) for j in range(2)]
+            want = proj.linear_2(torch.nn.functional.gelu(proj.linear_1(torch.cat(block, -1))))
+            assert torch.allclose(out[:, r * 2 + c], want, atol=1e-6)
+    with pytest.raises(ConfigError, match=r"shuffle3_mlp2x_gelu.*4x4.*divide by 3"):
+        projector_tokens("shuffle3_mlp2x_gelu", 16)
+
+
 # The docstring table of projector.py: ViT-L/14-336 (1024-d, 576 patches) into a 4096-d decoder.
 VIT_L = {"linear": (576, 4_198_400), "mlp2x_gelu": (576, 20_979_712), "mlp2x_gelu_pos": (576, 21_176_320),
-         "avgpool2_mlp2x_gelu": (144, 20_979_712),
+         "avgpool2_mlp2x_gelu": (144, 20_979_712), "shuffle2_mlp2x_gelu": (144, 33_562_624),
          "cabstractor": (144, 29_429_760), "cabstractor144": (144, 29_429_760), "ldp": (144, 54_640_640),
          "resampler64": (64, 33_645_568)}
 

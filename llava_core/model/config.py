@@ -108,11 +108,13 @@ PROJECTORS: dict[str, str] = {
     "mlpNx_gelu_pos": r"mlp(?P<n>[1-9]\d*)x_gelu_pos",  # the same, plus a learned row and column embedding
     "identity": r"identity",  # vision width must equal text width
     "avgpoolK_mlp2x_gelu": r"avgpool(?P<n>[1-9]\d*)_mlp2x_gelu",  # K x K average pooling, then mlp2x_gelu
+    # K x K neighbouring patches concatenated (space-to-depth), then mlp2x_gelu from K²·Dv
+    "shuffleK_mlp2x_gelu": r"shuffle(?P<n>[1-9]\d*)_mlp2x_gelu",
     "cabstractor[M]": r"cabstractor(?P<n>[1-9]\d*)?",  # M output tokens (a square); none: a quarter
     "ldp": r"ldp",  # a quarter of the patches
     "resamplerQ": r"resampler(?P<n>[1-9]\d*)",  # Q learned queries -> Q tokens
 }
-GRID_PROJECTORS = ("avgpoolK_mlp2x_gelu", "cabstractor[M]", "ldp", "mlpNx_gelu_pos")  # square grid, no CLS
+GRID_PROJECTORS = ("avgpoolK_mlp2x_gelu", "shuffleK_mlp2x_gelu", "cabstractor[M]", "ldp", "mlpNx_gelu_pos")  # square grid, no CLS
 
 
 def parse_projector(kind: str) -> tuple[str, int | None]:
@@ -145,7 +147,7 @@ def projector_tokens(kind: str, n_tokens: int) -> int:
     side = grid_side(n_tokens, kind)
     if family == "mlpNx_gelu_pos":
         return n_tokens
-    if family == "avgpoolK_mlp2x_gelu" or family == "ldp":
+    if family in ("avgpoolK_mlp2x_gelu", "shuffleK_mlp2x_gelu", "ldp"):
         k = 2 if family == "ldp" else n  # ldp: one stride-2 conv
         if side % k:
             raise ConfigError(f"projector {kind!r}: the {side}x{side} patch grid (N={n_tokens}) does not "

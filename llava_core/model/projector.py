@@ -16,11 +16,12 @@ out; the last two columns for ViT-L/14-336 into a 4096-d decoder (N = 576, Dv = 
 | `mlp{L}x_gelu_pos`      | N                | mlp{L}x_gelu's + 2·√N·Dt                   | 576   | 21.2M (L=2) | LLaVA-1.5 + learned row and column embeddings |
 | `identity`              | N                | 0 (needs Dv == Dt)                         | -     | -       | - |
 | `avgpool{K}_mlp2x_gelu` | (√N/K)²          | Dv·Dt + Dt² + 2·Dt                         | 144   | 21.0M (K=2) | token-pooling baseline |
+| `shuffle{K}_mlp2x_gelu` | (√N/K)²          | K²·Dv·Dt + Dt² + 2·Dt                      | 144   | 33.6M (K=2) | space-to-depth (pixel shuffle), as Idefics3 and SmolVLM |
 | `cabstractor[M]`        | M, else (√N/2)²  | 8·Dv² + 60·Dv + Dv·Dt + Dt² + 2·Dt         | 144   | 29.4M   | Honeybee C-Abstractor (Cha et al. 2024) |
 | `ldp`                   | (√N/2)²          | Dv·Dt + 3·Dt² + 28·Dt                      | 144   | 54.6M   | MobileVLM LDP (Chu et al. 2023) |
 | `resampler{Q}`          | Q                | Q·Dv + 12·Dv² + 17·Dv + Dv·Dt + Dt² + 2·Dt | 64    | 33.6M (Q=64) | Perceiver resampler (Alayrac et al. 2022) |
 
-The grid projectors (avgpool, cabstractor, ldp, mlpNx_gelu_pos) fold the N tokens into a
+The grid projectors (avgpool, shuffle, cabstractor, ldp, mlpNx_gelu_pos) fold the N tokens into a
 √N x √N grid, so N must be a square (a ConfigError names N otherwise) and CLS must be gone: they refuse
 `vision_feature_select_strategy="full"` (ConfigError) rather than drop CLS behind the caller's
 back. The resampler and the per-token projectors take CLS like any other token.
@@ -36,6 +37,7 @@ read: such a checkpoint loads in llava_core only).
     mlpNx_gelu_pos          linear_{1..N}.*, row_embed, col_embed (each (√N, Dt))
     identity                (none)
     avgpoolK_mlp2x_gelu     linear_{1,2}.*
+    shuffleK_mlp2x_gelu     linear_{1,2}.* (linear_1 is K²·Dv wide: channels of patch (0,0), (0,1), ...)
     cabstractor[M]          stage_{1,2}.{0,1}.{conv1,conv2,conv3,norm1,norm2,norm3}.*, linear_{1,2}.*
     ldp                     linear_{1,2}.*, block_{1,2}.{depthwise,pointwise,norm1,norm2}.*
     resamplerQ              query, norm_q.*, norm_kv.*, {q,k,v,o}_proj.*, norm_ff.*, ff_{1,2}.*,
@@ -52,7 +54,7 @@ from .config import PROJECTORS, ConfigError, ProjectorConfig, grid_side, parse_p
 from .layers import Linear  # nn.Linear with the fp32 path for bf16 on CPUs without native bf16
 
 __all__ = ["PROJECTORS", "build_projector", "MLPProjector", "PositionalMLPProjector", "IdentityProjector",
-           "AvgPoolProjector",
+           "AvgPoolProjector", "ShuffleProjector",
            "CAbstractor", "LDPProjector", "ResamplerProjector"]
 
 
@@ -147,6 +149,27 @@ class AvgPoolProjector(MLPProjector):
         self.num_tokens(x.shape[1])  # a grid the pool does not divide is an error, not a silent crop
         g = F.avg_pool2d(to_grid(x, self.kind), self.k)  # (B, Dv, s, s) -> (B, Dv, s/k, s/k)
         return super().forward(from_grid(g))  # (B, (s/k)², Dv) -> (B, (s/k)², Dt)
+
+
+class ShuffleProjector(MLPProjector):
+    """`shuffle{k}_mlp2x_gelu`: each k x k block of neighbouring patches becomes one token whose
+    channels are the k² patches' features side by side (row-major within the block), then
+    LLaVA-1.5's MLP. Unlike pooling it keeps every feature: a tower at finer patches keeps its
+    detail at the decoder's token count (Idefics3, SmolVLM and nanoVLM's pixel shuffle)."""
+
+    def __init__(self, kind: str, in_dim: int, out_dim: int, k: int, bias: bool = True):
+        super().__init__(in_dim * k * k, out_dim, depth=2, bias=bias)
+        self.kind, self.k = kind, k
+
+    def num_tokens(self, n_patches: int) -> int:
+        return projector_tokens(self.kind, n_patches)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.num_tokens(x.shape[1])  # a grid k does not divide is an error, not a silent crop
+        B, N, D = x.shape
+        k, s = self.k, grid_side(N, self.kind)
+        x = x.reshape(B, s // k, k, s // k, k, D).permute(0, 1, 3, 2, 4, 5)  # (B, s/k, s/k, k, k, D)
+        return super().forward(x.reshape(B, (s // k) ** 2, k * k * D))  # (B, (s/k)², k²·Dv) -> (..., Dt)
 
 
 class ConvResBlock(nn.Module):
@@ -303,6 +326,8 @@ def build_projector(cfg: ProjectorConfig, in_dim: int, out_dim: int, n_tokens: i
         return IdentityProjector()
     if family == "avgpoolK_mlp2x_gelu":
         return AvgPoolProjector(kind, in_dim, out_dim, k=n, bias=cfg.bias)
+    if family == "shuffleK_mlp2x_gelu":
+        return ShuffleProjector(kind, in_dim, out_dim, k=n, bias=cfg.bias)
     if family == "cabstractor[M]":
         return CAbstractor(kind, in_dim, out_dim, bias=cfg.bias)
     if family == "ldp":

@@ -4,7 +4,7 @@ scored per question type on the same synthetic test questions.
     llava-core ablate default --projectors linear,mlp2x_gelu,cabstractor,resampler16 --seeds 3 \\
         --out runs/ablation --budget-minutes 90 [--stage2] [--resume]
 
-(The default model's tower gives a 7x7 patch grid: projectors that halve the grid, avgpool2_*
+(The default model's tower gives a 7x7 patch grid: projectors that halve the grid, avgpool2_*, shuffle2_*
 and ldp, need an even side and are refused there; cabstractor pools adaptively to 3x3.)
 
 For each (projector, seed) the runner builds the model with a fresh projector of that kind
