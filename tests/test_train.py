@@ -597,6 +597,29 @@ def test_linear_probe_is_seeded_and_leaves_the_callers_random_state_alone():
     assert {fit_linear(x, y, xt, yt, iters=3, seed=s) for s in range(6)} != {accs[0]}  # the seed matters
 
 
+def test_reading_probe_is_seeded_leaves_the_random_state_alone_and_sees_the_tower():
+    """probe_reading compares towers only if its reader starts and trains the same for each: the
+    same seed gives the same figures whatever the global state, which it does not consume; a
+    tower whose tokens differ gives different figures (the reader reads them)."""
+    from llava_core.train.tower_probe import probe_reading
+
+    tower = VisionTower(VISION, [-1], keep_cls=False).eval()
+    kw = dict(steps=3, batch=4, n_test=8)
+    results = []
+    for state in (1, 2):
+        torch.manual_seed(state)
+        before = torch.get_rng_state()
+        results.append(probe_reading(tower, **kw))
+        assert torch.equal(torch.get_rng_state(), before)
+    assert results[0] == results[1] and set(results[0]) == {"read_ocr_exact", "read_ocr_char", "read_loss"}
+    assert all(0 <= results[0][k] <= 1 for k in ("read_ocr_exact", "read_ocr_char"))
+    with torch.no_grad():
+        for p in tower.parameters():
+            p.zero_()  # every token the same: the reader sees no image
+    blind = probe_reading(tower, **kw)
+    assert blind["read_ocr_exact"] == 0 and blind["read_loss"] != results[0]["read_loss"]
+
+
 def _toy_loop(out_dir, cfg, delay, dist=None, before=0.0, resume=False):
     """train_loop on one parameter; step_fn sleeps delay(step) seconds (and all-reduces under DDP)."""
     import time

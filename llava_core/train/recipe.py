@@ -90,6 +90,9 @@ class Recipe:
     stage2: Stage2Config = field(default_factory=lambda: Stage2Config(
         lr=1.5e-3, projector_lr=6e-4, autocast="auto"))
     probe: bool = True  # linear probes of the tower after stage 0 (~1 min)
+    # with the probes, a fresh reader trained this many steps on the frozen tower's OCR tokens
+    # (tower_probe.probe_reading; 300 steps: ~3 min on 2 CPU cores): can the tokens be read in order?
+    read_probe_steps: int = 0
     eval_samples: int = 96  # validation questions answered after stage 2 (0: none)
     seed: int = 0
     threads: int | None = 2
@@ -298,12 +301,14 @@ def _device_name(device: torch.device) -> str:
 
 def _probe(recipe: Recipe, visual: dict) -> dict:
     from ..model.vision import VisionTower
-    from .tower_probe import probe_tower
+    from .tower_probe import probe_reading, probe_tower
 
     t = time.perf_counter()
     tower = VisionTower(recipe.vision, [recipe.feature_layer], keep_cls=recipe.strategy == "full").eval()
     load_visual(tower, visual)
     res = probe_tower(tower, 600, 300)
+    if recipe.read_probe_steps:
+        res.update(probe_reading(tower, recipe.read_probe_steps, seed=recipe.seed))
     log.info("stage 0 linear probes (test accuracy): %s", res)
     return {"probe": res, "probe_s": round(time.perf_counter() - t, 1)}
 
