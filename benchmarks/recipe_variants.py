@@ -94,10 +94,35 @@ def reader(r) -> None:
     r.stage0.reader = 2
 
 
+def reader_reading_mix(r) -> None:
+    """The reader, and three times stage 2's OCR and document scenes (OCR 3.0, documents 3.0):
+    the shipped mix gives stage 2 about 350 word-reading answers in all, little to learn the
+    decoder's side of reading from."""
+    reader(r)
+    r.stage2.mix.update(ocr=3.0, document=3.0)
+
+
+def reader_patch16_shuffle(r) -> None:
+    """The reader on a tower of 16-px patches (a 14x14 grid, 4x the tower's tokens), and the
+    `shuffle2_mlp2x_gelu` projector, so that the decoder still sees 49 tokens, each carrying
+    a 2x2 block of patches' features."""
+    reader(r)
+    r.vision = replace(r.vision, patch_size=16)
+    r.projector = "shuffle2_mlp2x_gelu"
+
+
+def reader_patch16(r) -> None:
+    """The reader on a tower of 16-px patches, every one of its 196 tokens to the decoder through
+    LLaVA-1.5's MLP (the llava-hf layout transformers loads; 4x the image tokens per answer)."""
+    reader(r)
+    r.vision = replace(r.vision, patch_size=16)
+
+
 VARIANTS = {"shipped": lambda r: None, "content_route": content_route, "position_heads": position_heads,
             "position_mix": position_mix, "mirror_twins": mirror_twins, "reading_light": reading_light,
             "lora_r16": lora_r16, "pos_projector": pos_projector,
-            "reader": reader}
+            "reader": reader, "reader_reading_mix": reader_reading_mix,
+            "reader_patch16_shuffle": reader_patch16_shuffle, "reader_patch16": reader_patch16}
 
 
 def variant_recipe(name: str, steps_scale: float = 1.0, seed: int | None = None):
