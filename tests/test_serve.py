@@ -299,6 +299,28 @@ def raw_attention(stack, body):
     return r.status_code
 
 
+def test_a_data_url_is_turned_by_its_exif_orientation_as_a_file_is(tmp_path):
+    """A JPEG whose EXIF says "rotate 90 degrees clockwise to view" (orientation 6) comes out of
+    the server as open_image_file gives the same bytes from disk: turned, 48x64 from 64x48."""
+    import numpy as np
+
+    from llava_core.model.image_io import open_image_file
+    from llava_core.serve.images import load_image_url
+    img = Image.new("RGB", (64, 48), (255, 255, 255))
+    img.paste((200, 0, 0), (0, 0, 16, 16))  # a red block in the top left corner
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", exif=exif, quality=95)
+    (tmp_path / "turned.jpg").write_bytes(buf.getvalue())
+    url = "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+    got = load_image_url(url, Limits(), None, "image_url")
+    want = open_image_file(tmp_path / "turned.jpg")
+    assert got.size == want.size == (48, 64)
+    assert np.array_equal(np.asarray(got), np.asarray(want.convert("RGB")))
+    assert np.asarray(got)[:16, -16:, 0].mean() > 150  # the block now in the top right corner
+
+
 def test_a_16_bit_data_url_is_scaled_as_the_library_scales_it():
     """A 16-bit grayscale PNG sent as a data URL becomes the same RGB image as the same file given
     to the library (scaled to 8 bits; Pillow's own convert would clip almost every pixel to 255)."""

@@ -12,7 +12,7 @@ import warnings
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from PIL import Image
+from PIL import Image, ImageOps
 
 from ..model.image_io import to_rgb
 from .protocol import APIError, Limits
@@ -94,7 +94,9 @@ def _decode(data: bytes, limits: Limits, param: str, expected: str | None) -> Im
             if w < 1 or h < 1:
                 raise APIError(f"{param}: the image is {w}x{h}", param=param, code="invalid_image")
             im.load()
-            return to_rgb(im)  # as the library converts: high bit depths scaled, alpha over white
+            # as the library opens a file: turned as its EXIF orientation says, then high bit
+            # depths scaled and alpha over white
+            return to_rgb(ImageOps.exif_transpose(im))
     except APIError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
