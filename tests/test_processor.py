@@ -24,11 +24,6 @@ SIZES = [(336, 336), (500, 375), (375, 500), (100, 700), (1024, 768), (37, 51)] 
 
 
 @pytest.fixture(scope="module")
-def ours(tiny_ckpt):
-    return LlavaProcessor.from_pretrained(tiny_ckpt)
-
-
-@pytest.fixture(scope="module")
 def hf_proc(tiny_ckpt):
     return reference_processor(tiny_ckpt)
 
@@ -58,38 +53,38 @@ def max_diff(a, b):
 # --- images ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("wh", SIZES)
-def test_pixels_match_transformers(ours, hf_proc, wh):
+def test_pixels_match_transformers(processor, hf_proc, wh):
     image = noise_image(*wh)
-    px = ours.preprocess(image)
+    px = processor.preprocess(image)
     assert px.shape == (1, 3, 336, 336) and px.dtype == torch.float32
     assert max_diff(px, hf_pixels(hf_proc, image)) <= PIXEL_TOL
 
 
 @pytest.mark.parametrize("mode", ["L", "RGBA"])
-def test_grayscale_and_rgba_match_transformers(ours, hf_proc, mode):
+def test_grayscale_and_rgba_match_transformers(processor, hf_proc, mode):
     image = noise_image(400, 300, mode, seed=1)  # RGBA: random alpha, composited onto white
-    assert max_diff(ours.preprocess(image), hf_pixels(hf_proc, image)) <= PIXEL_TOL
+    assert max_diff(processor.preprocess(image), hf_pixels(hf_proc, image)) <= PIXEL_TOL
 
 
-def test_paths_and_arrays_read_like_pil(ours, tmp_path):
+def test_paths_and_arrays_read_like_pil(processor, tmp_path):
     image = noise_image(500, 375, seed=2)
     image.save(tmp_path / "img.png")
     a = np.asarray(image)
-    px = ours.preprocess([image, tmp_path / "img.png", str(tmp_path / "img.png"), a, a / 255.0])
+    px = processor.preprocess([image, tmp_path / "img.png", str(tmp_path / "img.png"), a, a / 255.0])
     assert px.shape == (5, 3, 336, 336)
     assert all(torch.equal(px[0], px[i]) for i in range(1, 5))
 
 
-def test_bad_image_inputs_name_the_path(ours, tmp_path):
+def test_bad_image_inputs_name_the_path(processor, tmp_path):
     missing = tmp_path / "nope.jpg"
     with pytest.raises(FileNotFoundError, match="nope.jpg"):
-        ours.preprocess(missing)
+        processor.preprocess(missing)
     notes = tmp_path / "notes.txt"
     notes.write_text("not an image")
     with pytest.raises(ProcessorError, match="notes.txt"):
-        ours.preprocess(str(notes))
+        processor.preprocess(str(notes))
     with pytest.raises(ProcessorError, match=r"\(3, 4, 5, 6\)"):
-        ours.preprocess(np.zeros((3, 4, 5, 6), np.uint8))
+        processor.preprocess(np.zeros((3, 4, 5, 6), np.uint8))
 
 
 def expand2square(image, fill):
@@ -104,9 +99,9 @@ def expand2square(image, fill):
 
 
 @pytest.mark.parametrize("wh", [(200, 100), (100, 300)])
-def test_pad_mode_is_a_mean_colour_square(ours, hf_proc, wh):
+def test_pad_mode_is_a_mean_colour_square(processor, hf_proc, wh):
     image = Image.new("RGB", wh, (255, 0, 0))
-    px = ours.preprocess(image, mode="pad")  # (1, 3, 336, 336)
+    px = processor.preprocess(image, mode="pad")  # (1, 3, 336, 336)
     fill = tuple(int(m * 255) for m in CLIP_MEAN)  # (122, 116, 104)
     border = (torch.tensor(fill) / 255 - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)  # (3,)
     red = (torch.tensor([1.0, 0.0, 0.0]) - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)
@@ -115,20 +110,20 @@ def test_pad_mode_is_a_mean_colour_square(ours, hf_proc, wh):
     assert max_diff(px[0, :, 168, 168], red) <= PIXEL_TOL
     assert max_diff(px, hf_pixels(hf_proc, expand2square(image, fill))) <= PIXEL_TOL
     # crop mode on the same image sees no mean colour at all
-    assert max_diff(ours.preprocess(image)[0, :, 0, 0], red) <= PIXEL_TOL
+    assert max_diff(processor.preprocess(image)[0, :, 0, 0], red) <= PIXEL_TOL
 
 
 # --- text --------------------------------------------------------------------------
 
-def test_chat_template_matches_transformers(ours, hf_proc):
+def test_chat_template_matches_transformers(processor, hf_proc):
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]}]
-    prompt = ours.apply_chat_template(messages)
+    prompt = processor.apply_chat_template(messages)
     assert prompt == "USER: <image>\nWhat is this? ASSISTANT:"
     assert prompt == hf_proc.apply_chat_template(messages, add_generation_prompt=True)
-    assert ours.prompt("What is this?") == prompt
+    assert processor.prompt("What is this?") == prompt
 
 
-def test_llava15_fallback_renders_like_the_hub_template(ours, tiny_ckpt):
+def test_llava15_fallback_renders_like_the_hub_template(processor, tiny_ckpt):
     messages = [
         {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]},
         {"role": "assistant", "content": [{"type": "text", "text": "A red circle."}]},
@@ -136,7 +131,7 @@ def test_llava15_fallback_renders_like_the_hub_template(ours, tiny_ckpt):
     ]
     fallback = LlavaProcessor.from_pretrained(tiny_ckpt, template="llava15")
     for gen in (True, False):
-        assert fallback.apply_chat_template(messages, gen) == ours.apply_chat_template(messages, gen)
+        assert fallback.apply_chat_template(messages, gen) == processor.apply_chat_template(messages, gen)
     assert fallback.apply_chat_template(messages) == (
         "USER: <image>\nWhat is this? ASSISTANT: A red circle. USER: And the colour? ASSISTANT:")
 
@@ -169,24 +164,24 @@ def test_fallback_template_when_checkpoint_has_none(tiny_ckpt, tmp_path):
         LlavaProcessor.from_pretrained(folder, template="checkpoint")
 
 
-def test_single_prompt_ids_match_transformers(ours, hf_proc):
+def test_single_prompt_ids_match_transformers(processor, hf_proc):
     image = noise_image(500, 375)
-    prompt = ours.prompt("What is this?")
-    out = ours(text=prompt, images=image)
+    prompt = processor.prompt("What is this?")
+    out = processor(text=prompt, images=image)
     ref = hf_proc(text=prompt, images=image, return_tensors="pt")
     assert out["input_ids"].dtype == torch.long and out["input_ids"].shape == ref["input_ids"].shape
     assert torch.equal(out["input_ids"], ref["input_ids"])
     assert torch.equal(out["attention_mask"], ref["attention_mask"])
     assert max_diff(out["pixel_values"], ref["pixel_values"]) <= PIXEL_TOL
-    assert (out["input_ids"] == ours.cfg.image_token_index).sum() == 576
+    assert (out["input_ids"] == processor.cfg.image_token_index).sum() == 576
 
 
-def test_batch_left_padding_and_two_images_match_transformers(ours, hf_proc):
+def test_batch_left_padding_and_two_images_match_transformers(processor, hf_proc):
     images = [noise_image(*wh, seed=i) for i, wh in enumerate([(500, 375), (375, 500), (100, 700)])]
-    texts = [ours.prompt("Compare the two pictures, please.", n_images=2),
-             ours.prompt("What is this?"),
+    texts = [processor.prompt("Compare the two pictures, please.", n_images=2),
+             processor.prompt("What is this?"),
              "USER: Say hello without any picture at all, in a long sentence. ASSISTANT:"]
-    out = ours(text=texts, images=images)
+    out = processor(text=texts, images=images)
     ref = hf_proc(text=texts, images=images, return_tensors="pt", padding=True)
     assert torch.equal(out["input_ids"], ref["input_ids"])
     assert torch.equal(out["attention_mask"], ref["attention_mask"])
@@ -194,22 +189,22 @@ def test_batch_left_padding_and_two_images_match_transformers(ours, hf_proc):
     assert max_diff(out["pixel_values"], ref["pixel_values"]) <= PIXEL_TOL
 
     ids, mask = out["input_ids"], out["attention_mask"]
-    n_image = (ids == ours.cfg.image_token_index).sum(1)
+    n_image = (ids == processor.cfg.image_token_index).sum(1)
     assert n_image.tolist() == [1152, 576, 0]
-    lengths = [len(ours.tokenize(t)) for t in texts]
+    lengths = [len(processor.tokenize(t)) for t in texts]
     assert mask.sum(1).tolist() == lengths and ids.shape[1] == max(lengths)
     for row, n in enumerate(lengths):  # left padding: pads then the prompt, starting with BOS
         pad = ids.shape[1] - n
-        assert (ids[row, :pad] == ours.pad_token_id).all() and (mask[row, :pad] == 0).all()
-        assert ids[row, pad] == ours.tokenizer.bos_token_id and (mask[row, pad:] == 1).all()
+        assert (ids[row, :pad] == processor.pad_token_id).all() and (mask[row, :pad] == 0).all()
+        assert ids[row, pad] == processor.tokenizer.bos_token_id and (mask[row, pad:] == 1).all()
     # images may also be given one list per prompt
-    nested = ours(text=texts, images=[images[:2], images[2:], []])
+    nested = processor(text=texts, images=[images[:2], images[2:], []])
     assert torch.equal(nested["input_ids"], ids) and torch.equal(nested["pixel_values"], out["pixel_values"])
 
 
-def test_image_token_counts_default_and_full(ours, full_ckpt):
+def test_image_token_counts_default_and_full(processor, full_ckpt):
     from transformers import AutoProcessor
-    assert ours.cfg.num_image_tokens == 576
+    assert processor.cfg.num_image_tokens == 576
     full = LlavaProcessor.from_pretrained(full_ckpt)
     assert full.cfg.num_image_tokens == 577
     image = noise_image(336, 336)
@@ -231,43 +226,43 @@ def test_processor_config_disagreement_names_both_counts(tiny_ckpt, tmp_path):
         LlavaProcessor.from_pretrained(folder)
 
 
-def test_placeholder_image_count_mismatch(ours):
+def test_placeholder_image_count_mismatch(processor):
     image = noise_image(336, 336)
     with pytest.raises(ProcessorError, match=r"1 <image> placeholders.*2 images"):
-        ours(text=ours.prompt("What is this?"), images=[image, image])
+        processor(text=processor.prompt("What is this?"), images=[image, image])
     with pytest.raises(ProcessorError, match=r"2 <image> placeholders.*1 images"):
-        ours(text=ours.prompt("What is this?", n_images=2), images=image)
+        processor(text=processor.prompt("What is this?", n_images=2), images=image)
     with pytest.raises(ProcessorError, match=r"0 <image> placeholders"):
-        ours(text="USER: hi ASSISTANT:", images=image)
+        processor(text="USER: hi ASSISTANT:", images=image)
     with pytest.raises(ProcessorError, match=r"\[1, 0\] per prompt.*\[0, 1\]"):
-        ours(text=[ours.prompt("a"), "USER: b ASSISTANT:"], images=[[], [image]])
+        processor(text=[processor.prompt("a"), "USER: b ASSISTANT:"], images=[[], [image]])
 
 
-def test_truncation_never_cuts_image_tokens(ours):
+def test_truncation_never_cuts_image_tokens(processor):
     image = noise_image(336, 336)
-    prompt = ours.prompt("What is this?")
-    n = len(ours.tokenize(prompt))
-    out = ours(text=prompt, images=image, truncation=True, max_length=n - 3)  # cuts text only
+    prompt = processor.prompt("What is this?")
+    n = len(processor.tokenize(prompt))
+    out = processor(text=prompt, images=image, truncation=True, max_length=n - 3)  # cuts text only
     assert out["input_ids"].shape == (1, n - 3)
-    assert (out["input_ids"] == ours.cfg.image_token_index).sum() == 576
+    assert (out["input_ids"] == processor.cfg.image_token_index).sum() == 576
     with pytest.raises(ProcessorError, match="would cut image tokens"):
-        ours(text=prompt, images=image, truncation=True, max_length=100)
+        processor(text=prompt, images=image, truncation=True, max_length=100)
 
 
-def test_decode_passes_through(ours):
-    ids = ours.tokenize("USER: hello ASSISTANT:")
-    assert ours.decode(ids, skip_special_tokens=True) == ours.tokenizer.decode(ids, skip_special_tokens=True)
-    assert ours.batch_decode([ids, ids[:3]]) == ours.tokenizer.batch_decode([ids, ids[:3]])
-    assert "hello" in ours.decode(ids)
+def test_decode_passes_through(processor):
+    ids = processor.tokenize("USER: hello ASSISTANT:")
+    assert processor.decode(ids, skip_special_tokens=True) == processor.tokenizer.decode(ids, skip_special_tokens=True)
+    assert processor.batch_decode([ids, ids[:3]]) == processor.tokenizer.batch_decode([ids, ids[:3]])
+    assert "hello" in processor.decode(ids)
 
 
-def test_missing_preprocessor_config_uses_clip_defaults_and_tower_size(ours, tiny_ckpt, tmp_path):
+def test_missing_preprocessor_config_uses_clip_defaults_and_tower_size(processor, tiny_ckpt, tmp_path):
     folder = tmp_path / "no_preproc"
     shutil.copytree(tiny_ckpt, folder, ignore=shutil.ignore_patterns("*.safetensors", "preprocessor_config.json"))
     bare = LlavaProcessor.from_pretrained(folder)
-    assert bare.image_cfg == ours.image_cfg  # 336 from vision_config.image_size, CLIP mean/std, bicubic
+    assert bare.image_cfg == processor.image_cfg  # 336 from vision_config.image_size, CLIP mean/std, bicubic
     image = noise_image(500, 375)
-    assert torch.equal(bare.preprocess(image), ours.preprocess(image))
+    assert torch.equal(bare.preprocess(image), processor.preprocess(image))
 
 
 def test_preprocessor_config_that_misfits_the_tower_is_an_error(tiny_ckpt, tmp_path):
