@@ -7,6 +7,8 @@ from nothing, then scored on the synthetic suite: a recipe ablation in one comma
     python benchmarks/recipe_variants.py paired runs/variants/shipped/predictions.jsonl \
         runs/variants/content_route/predictions.jsonl
     python benchmarks/recipe_variants.py run shipped --out runs/s2 --from runs/r9 --steps-scale 2
+    python benchmarks/recipe_variants.py sweep shipped,reader --seeds 0,1,2 --parallel 4 --out runs/v \
+        --device cuda --workers 3     # every arm x seed, four runs at a time, then the table
 
 `run NAME` replays weights/training.json (the shipped run's step counts, times --steps-scale),
 applies the variant's change, trains into OUT/NAME (`run_recipe`), and scores the parts with
@@ -185,6 +187,39 @@ def run(args) -> None:
                    check=True, cwd=ROOT)
 
 
+def sweep(args) -> None:
+    """`run` for every arm and seed, `--parallel` at a time (each in its own process, its output in
+    OUT/logs/ARM_seedS.log); runs already scored are skipped, interrupted ones resumed. Then the table."""
+    import time
+
+    arms = [a for a in args.arms.split(",") if a]
+    unknown = [a for a in arms if a not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variants {unknown}; choose from {sorted(VARIANTS)}")
+    jobs = [(a, int(s)) for a in arms for s in args.seeds.split(",")]
+    (args.out / "logs").mkdir(parents=True, exist_ok=True)
+    todo = [(a, s) for a, s in jobs if not (args.out / f"{a}_seed{s}" / "eval.json").is_file()]
+    running, failed = [], []
+    while todo or running:
+        while todo and len(running) < args.parallel:
+            a, s = todo.pop(0)
+            log = open(args.out / "logs" / f"{a}_seed{s}.log", "w")
+            cmd = [sys.executable, __file__, "run", a, "--seed", str(s), "--out", str(args.out), "--device",
+                   args.device, "--workers", str(args.workers), "-n", str(args.n), "--resume"]
+            running.append(((a, s), subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT), log))
+            print(f"started {a} seed {s}", flush=True)
+        time.sleep(5)
+        for job in [j for j in running if j[1].poll() is not None]:
+            running.remove(job)
+            job[2].close()
+            print(f"{job[0][0]} seed {job[0][1]}: {'done' if job[1].returncode == 0 else 'FAILED'}", flush=True)
+            if job[1].returncode:
+                failed.append(job[0])
+    table(args)
+    if failed:
+        raise SystemExit(f"failed runs (see {args.out / 'logs'}): {failed}")
+
+
 def table(args) -> None:
     """Accuracy in % per split (overall) and per question type on test; `right`: answers right
     over the three splits (the count the model card compares runs by)."""
@@ -199,6 +234,24 @@ def table(args) -> None:
         right = sum(round(res[s]["overall"]["acc"] * res[s]["overall"]["n"]) for s in splits)
         print(name.ljust(22) + "".join(f"{100 * res[s]['overall']['acc']:8.1f}" for s in splits) + f"{right:8d} "
               + " ".join(f"{100 * res['test'][q]['acc']:7.1f}" if q in res["test"] else "      -" for q in qtypes))
+    arms: dict[str, list[dict]] = {}
+    for name, res in results.items():
+        arms.setdefault(name.rsplit("_seed", 1)[0] if "_seed" in name else name, []).append(res)
+    if any(len(runs) > 1 for runs in arms.values()):
+        print("\narm (seeds): mean ± std".ljust(22) + "".join(s.rjust(14) for s in splits) + "right".rjust(15)
+              + " " + " ".join(q[:7].rjust(7) for q in qtypes) + "  (per type: test, mean)")
+        for arm, runs in arms.items():
+            cells = [_mean_std([100 * r[s]["overall"]["acc"] for r in runs]) for s in splits]
+            right = _mean_std([sum(round(r[s]["overall"]["acc"] * r[s]["overall"]["n"]) for s in splits) for r in runs])
+            types = [[100 * r["test"][q]["acc"] for r in runs if q in r["test"]] for q in qtypes]
+            print(f"{arm} ({len(runs)})".ljust(22) + "".join(c.rjust(14) for c in cells) + right.rjust(15) + " "
+                  + " ".join(f"{sum(t) / len(t):7.1f}" if t else "      -" for t in types))
+
+
+def _mean_std(values: list[float]) -> str:
+    m = sum(values) / len(values)
+    sd = (sum((v - m) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
+    return f"{m:.1f} ± {sd:.1f}"
 
 
 def paired(args) -> None:
@@ -234,6 +287,15 @@ def main() -> None:
     r.add_argument("-n", type=int, default=200, help="questions per split")
     r.add_argument("--resume", action="store_true", help="continue an interrupted run in OUT/NAME")
     r.set_defaults(func=run)
+    w = sub.add_parser("sweep", help="run arms x seeds, several at a time, then print the table")
+    w.add_argument("arms", help="comma-separated variant names")
+    w.add_argument("--seeds", default="0,1,2")
+    w.add_argument("--parallel", type=int, default=1, help="runs at once")
+    w.add_argument("--out", type=Path, required=True)
+    w.add_argument("--device", default="cpu")
+    w.add_argument("--workers", type=int, default=0, help="per run: processes drawing stage 0's batches ahead")
+    w.add_argument("-n", type=int, default=200, help="questions per split")
+    w.set_defaults(func=sweep)
     t = sub.add_parser("table", help="print the scores of every variant under OUT")
     t.add_argument("out", type=Path)
     t.set_defaults(func=table)

@@ -807,6 +807,31 @@ def test_patch_cost_times_a_step_by_the_median_after_the_warm_up(tmp_path):
         pc.step_seconds(f)
 
 
+def test_recipe_variants_sweep_skips_scored_runs_and_averages_seeds(tmp_path, capsys, monkeypatch):
+    """A sweep whose runs are all scored starts nothing and prints each arm's mean and sample
+    standard deviation over its seeds."""
+    import argparse
+
+    rv = _benchmark("recipe_variants")
+    for arm, accs in (("shipped", (0.5, 0.6, 0.7)), ("reader", (0.8, 0.8, 0.8))):
+        for seed, acc in enumerate(accs):
+            res = {s: {"overall": {"acc": acc, "n": 100}, "ocr": {"acc": acc, "n": 10}}
+                   for s in ("test", "heldout", "shifted")}
+            (tmp_path / f"{arm}_seed{seed}").mkdir()
+            (tmp_path / f"{arm}_seed{seed}" / "eval.json").write_text(json.dumps(res))
+    monkeypatch.setattr(rv.subprocess, "Popen", lambda *a, **k: pytest.fail("a scored run was started again"))
+    rv.sweep(argparse.Namespace(arms="shipped,reader", seeds="0,1,2", parallel=2, out=tmp_path, device="cpu",
+                                workers=0, n=200))
+    lines = capsys.readouterr().out.splitlines()
+    shipped = next(line for line in lines if line.startswith("shipped (3)"))
+    reader = next(line for line in lines if line.startswith("reader (3)"))
+    assert shipped.split()[2:5] == ["60.0", "±", "10.0"] and "180.0 ± 30.0" in shipped  # right: 150, 180, 210
+    assert reader.split()[2:5] == ["80.0", "±", "0.0"] and "240.0 ± 0.0" in reader
+    with pytest.raises(SystemExit, match="unknown variants"):
+        rv.sweep(argparse.Namespace(arms="shipped,nope", seeds="0", parallel=1, out=tmp_path, device="cpu",
+                                    workers=0, n=200))
+
+
 def test_recipe_variants_paired_counts_and_sign_test(tmp_path, capsys):
     rv = _benchmark("recipe_variants")
     rows = lambda scores, qtype="colour": "".join(  # noqa: E731
