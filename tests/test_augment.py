@@ -10,7 +10,8 @@ from llava_core.model.processor import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from llava_core.train.augment import augment_batch
 from llava_core.train.batches import images_to_tensor
 from llava_core.train.recipe import Recipe
-from llava_core.train.stage0_clip import PairBatches, cell_targets, patch_targets
+from llava_core.train.stage0_clip import PairBatches
+from llava_core.train.stage0_heads import cell_targets, patch_targets
 
 SIZE = 224
 

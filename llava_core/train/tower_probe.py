@@ -26,7 +26,8 @@ from ..data import DataConfig, make_sample
 from ..model.processor import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from ..model.vision import VisionTower
 from .batches import images_to_tensor
-from .stage0_clip import CELL_TARGETS, CaptionTokenizer, Reader, TextTowerConfig, caption_of, cell_pool_matrix, cell_targets
+from .stage0_clip import CaptionTokenizer, TextTowerConfig, caption_of
+from .stage0_heads import CELL_TARGETS, Reader, cell_pool_matrix, cell_targets
 
 CHARS = [chr(c) for c in range(ord("A"), ord("Z") + 1)] + [str(d) for d in range(10)]
 
@@ -113,7 +114,8 @@ def probe_reading(tower: VisionTower, steps: int = 300, batch: int = 32, n_test:
     tok = CaptionTokenizer()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        reader = Reader(tower.cfg, TextTowerConfig(), layers=2)
+        text = TextTowerConfig()
+        reader = Reader(tower.cfg, tok, text.width, text.heads, layers=2)
     opt = torch.optim.AdamW(reader.parameters(), lr=lr, weight_decay=0.0)
     cfg = DataConfig(image_size=size, seed=seed + 1, mix={"ocr": 1.0})
     warm = max(1, steps // 10)
