@@ -210,7 +210,7 @@ class Reader(nn.Module):
             chars = self.spelled[tgt]  # (B, L-1)
             metrics = {"reader_acc": round(float(right[real].float().mean()), 4),
                        "reader_char_acc": round(float(right[chars].float().mean()), 4) if chars.any() else None}
-            if ocr.any():  # a word read exactly: every one of its characters right, greedy reading would agree
+            if ocr.any():  # a word read exactly: each character the arg max given the true text before it
                 exact = (right | ~chars).all(1)
                 metrics["reader_ocr_exact"] = round(float(exact[ocr].float().mean()), 4)
         return loss, {k: v for k, v in metrics.items() if v is not None}

@@ -11,7 +11,7 @@ and scored on `n_test` test-split images (scenes never seen in training).
 `probe_reading` asks what a linear probe cannot: can the tokens, read in sequence, give the
 word? It trains a fresh 2-block reader (stage 0's `Reader`) on the frozen tower's tokens of
 validation-split OCR scenes and counts the test-split words whose every character it gets
-right (teacher-forced arg max, which is what greedy reading would say). Any tower can be
+right (teacher-forced: the arg max given the true text before it). Any tower can be
 probed so, trained with a reader or not, and it costs minutes, not a stage-2 run.
 """
 
