@@ -172,8 +172,8 @@ def test_grid_that_does_not_divide(base):
 
 def test_unknown_projector_lists_the_known_names(base, tmp_path):
     with pytest.raises(ConfigError, match=r"'mlp2x_relu' is unknown; known: linear, mlpNx_gelu, "
-                                          r"mlpNx_gelu_pos, identity, avgpoolK_mlp2x_gelu, shuffleK_mlp2x_gelu, cabstractor\[M\], ldp, "
-                                          r"resamplerQ"):
+                                          r"mlpNx_gelu_pos, identity, avgpoolK_mlp2x_gelu, shuffleK_mlp2x_gelu, "
+                                          r"cabstractor\[M\], ldp, resamplerQ"):
         ProjectorConfig(kind="mlp2x_relu")
     d = json.loads((base / "config.json").read_text())
     d["llava_core_projector"] = "qformer"

@@ -114,7 +114,8 @@ PROJECTORS: dict[str, str] = {
     "ldp": r"ldp",  # a quarter of the patches
     "resamplerQ": r"resampler(?P<n>[1-9]\d*)",  # Q learned queries -> Q tokens
 }
-GRID_PROJECTORS = ("avgpoolK_mlp2x_gelu", "shuffleK_mlp2x_gelu", "cabstractor[M]", "ldp", "mlpNx_gelu_pos")  # square grid, no CLS
+# a square grid, no CLS
+GRID_PROJECTORS = ("avgpoolK_mlp2x_gelu", "shuffleK_mlp2x_gelu", "cabstractor[M]", "ldp", "mlpNx_gelu_pos")
 
 
 def parse_projector(kind: str) -> tuple[str, int | None]:

@@ -135,7 +135,8 @@ def probe_reading(tower: VisionTower, steps: int = 300, batch: int = 32, n_test:
     for i in range(0, n_test, 64):
         part = test[i:i + 64]
         with torch.no_grad():
-            batch_loss, m = reader(tower_tokens(tower, part), tok([caption_of(s) for s in part]), torch.ones(len(part), dtype=torch.bool))
+            batch_loss, m = reader(tower_tokens(tower, part), tok([caption_of(s) for s in part]),
+                                   torch.ones(len(part), dtype=torch.bool))
         k = sum(len(s["meta"]["text"]) for s in part)  # every character is spelt: A-Z, 0-9
         exact, chars, n_chars = exact + m["reader_ocr_exact"] * len(part), chars + m["reader_char_acc"] * k, n_chars + k
         loss += float(batch_loss) * len(part)
