@@ -17,8 +17,6 @@ probed so, trained with a reader or not, and it costs minutes, not a stage-2 run
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
@@ -26,6 +24,7 @@ from ..data import DataConfig, make_sample
 from ..model.processor import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from ..model.vision import VisionTower
 from .batches import images_to_tensor
+from .common import lr_factor
 from .stage0_clip import CaptionTokenizer, TextTowerConfig, caption_of
 from .stage0_heads import CELL_TARGETS, Reader, cell_pool_matrix, cell_targets
 
@@ -122,7 +121,7 @@ def probe_reading(tower: VisionTower, steps: int = 300, batch: int = 32, n_test:
     for step in tqdm(range(steps), desc="reading probe", disable=not progress):
         samples = [make_sample("validation", step * batch + i, cfg) for i in range(batch)]
         for g in opt.param_groups:
-            g["lr"] = lr * min((step + 1) / warm, 0.5 * (1 + math.cos(math.pi * step / steps)))
+            g["lr"] = lr * lr_factor(step, steps, warm, 0.0)
         with torch.enable_grad():
             loss, _ = reader(tower_tokens(tower, samples), tok([caption_of(s) for s in samples]),
                              torch.ones(batch, dtype=torch.bool))
