@@ -18,10 +18,8 @@ import torch
 
 from ..model.config import ConfigError, LlavaConfig, ProjectorConfig, TextConfig, VisionConfig
 from ..model.llama import Rotary
-from ..model.llava import LlavaModel
+from ..model.llava import LlavaModel, projector_for, vision_tower_for
 from ..model.processor import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageConfig, LlavaProcessor
-from ..model.projector import build_projector
-from ..model.vision import VisionTower
 from .smollm2 import SMOLLM2_FILE, SMOLLM2_SHA256, load_smollm2_decoder, load_smollm2_tokenizer, smollm2_gguf
 
 IMAGE_TOKEN = "<image>"
@@ -160,9 +158,7 @@ def build_default_model(vision: VisionConfig, feature_layer: int = -2, strategy:
         model = LlavaModel(cfg)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model.vision_tower = VisionTower(cfg.vision, cfg.feature_layers,
-                                         keep_cls=cfg.vision_feature_select_strategy == "full")
-        model.projector = build_projector(cfg.projector, cfg.vision_feature_dim, cfg.text.hidden_size,
-                                          cfg.num_vision_tokens)
+        model.vision_tower = vision_tower_for(cfg)
+        model.projector = projector_for(cfg)
     put_decoder(model, extend_vocab(state, cfg.text.vocab_size))
     return model.to(dtype).eval()

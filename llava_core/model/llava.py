@@ -22,14 +22,23 @@ class ImageTokenMismatch(ValueError):
     """The prompt's image tokens and the images' features do not pair up one for one."""
 
 
+def vision_tower_for(cfg: LlavaConfig) -> VisionTower:
+    """A fresh vision tower as `cfg` describes it (its feature layers; CLS kept for "full")."""
+    return VisionTower(cfg.vision, cfg.feature_layers, keep_cls=cfg.vision_feature_select_strategy == "full")
+
+
+def projector_for(cfg: LlavaConfig) -> nn.Module:
+    """A fresh projector of `cfg`'s kind, from its vision features to its text width, sized for its
+    vision tokens per image."""
+    return build_projector(cfg.projector, cfg.vision_feature_dim, cfg.text.hidden_size, cfg.num_vision_tokens)
+
+
 class LlavaModel(nn.Module):
     def __init__(self, cfg: LlavaConfig):
         super().__init__()
         self.cfg = cfg
-        self.vision_tower = VisionTower(cfg.vision, cfg.feature_layers,
-                                        keep_cls=cfg.vision_feature_select_strategy == "full")
-        self.projector = build_projector(cfg.projector, cfg.vision_feature_dim, cfg.text.hidden_size,
-                                         cfg.num_vision_tokens)
+        self.vision_tower = vision_tower_for(cfg)
+        self.projector = projector_for(cfg)
         self.language_model = LlamaDecoder(cfg.text)
 
     @property

@@ -68,16 +68,14 @@ class AblationConfig:
 
 def with_projector(base, kind: str, seed: int):
     """A LlavaModel sharing `base`'s tower and decoder (frozen) with a fresh projector `kind`."""
-    from ..model.llava import LlavaModel
-    from ..model.projector import build_projector
+    from ..model.llava import LlavaModel, projector_for
 
     cfg = config_with(base.cfg, kind)
     with torch.device("meta"):
         model = LlavaModel(cfg)  # a skeleton; its parts are replaced below
     model.vision_tower, model.language_model = base.vision_tower, base.language_model
     torch.manual_seed(seed)
-    model.projector = build_projector(cfg.projector, cfg.vision_feature_dim, cfg.text.hidden_size,
-                                      cfg.num_vision_tokens).to(device=base.device, dtype=base.dtype)
+    model.projector = projector_for(cfg).to(device=base.device, dtype=base.dtype)
     return model
 
 
@@ -191,8 +189,8 @@ def run_sweep(model_path: str, out_dir: str | Path, cfg: AblationConfig, resume:
     from ..checkpoints.loader import load_pretrained
     from ..default.cache import resolve_model
     from ..model.config import ConfigError
+    from ..model.llava import projector_for
     from ..model.processor import LlavaProcessor
-    from ..model.projector import build_projector
     from ..train.common import set_trainable
 
     out = Path(out_dir)
@@ -205,7 +203,7 @@ def run_sweep(model_path: str, out_dir: str | Path, cfg: AblationConfig, resume:
         try:
             c = config_with(base.cfg, kind)
             with torch.device("meta"):
-                build_projector(c.projector, c.vision_feature_dim, c.text.hidden_size, c.num_vision_tokens)
+                projector_for(c)
         except ConfigError as e:
             raise ConfigError(f"--projectors {kind}: {e}") from None
     csv_path = out / "ablation.csv"
