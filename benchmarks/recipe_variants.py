@@ -120,11 +120,18 @@ def reader_patch16(r) -> None:
     r.vision = replace(r.vision, patch_size=16)
 
 
+def pages(r) -> None:
+    """Three tenths of each stage-0 batch are character pages (data/page.py): lines of random
+    capitals and digits at OCR and document type sizes, five to ten times the labelled glyphs
+    of an OCR scene per image, for the per-patch character head."""
+    r.stage0.pages = 0.3
+
+
 VARIANTS = {"shipped": lambda r: None, "content_route": content_route, "position_heads": position_heads,
             "position_mix": position_mix, "mirror_twins": mirror_twins, "reading_light": reading_light,
             "lora_r16": lora_r16, "pos_projector": pos_projector,
             "reader": reader, "reader_reading_mix": reader_reading_mix,
-            "reader_patch16_shuffle": reader_patch16_shuffle, "reader_patch16": reader_patch16}
+            "reader_patch16_shuffle": reader_patch16_shuffle, "reader_patch16": reader_patch16, "pages": pages}
 
 
 def variant_recipe(name: str, steps_scale: float = 1.0, seed: int | None = None):

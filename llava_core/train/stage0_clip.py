@@ -32,6 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..data import COLOURS, SHAPES, DataConfig, make_sample
+from ..data.page import make_page, page_caption
 from ..data.vocab import CELL_PHRASES, SIZES, TEXT_BACKGROUNDS
 from ..model.config import VisionConfig
 from ..model.processor import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
@@ -55,6 +56,8 @@ def caption_of(sample: dict) -> str:
         return detailed_caption(meta["objects"])
     if meta["kind"] == "text":
         return f"the text {meta['text']} in {meta['text_colour']} on {meta['background']}"
+    if meta["kind"] == "page":
+        return page_caption(meta)
     rows = " , ".join(f"{item} {value}" for item, value in meta["rows"])
     return f"a document titled {meta['title']} in {meta['title_colour']} : {rows} , total {meta['total']}"
 
@@ -174,6 +177,7 @@ class Stage0Config:
     aux_position: bool = False
     feature_layer: int = -1  # the layer the aux heads and the reader read (the LLaVA feature layer)
     reader: int = 0  # blocks of the caption reader on the patch tokens (0: no reader); its loss weighs 1
+    pages: float = 0.0  # share of each batch drawn as character pages (data/page.py) instead of from the mix
     split: str = "train"
     offset: int = 0  # first sample index
     seed: int = 0
@@ -191,7 +195,9 @@ class PairBatches:
     def samples(self, step: int) -> list[dict]:
         B = self.cfg.batch_size
         first = self.cfg.offset + (step * self.world + self.rank) * B
-        return [make_sample(self.cfg.split, first + i, self.data) for i in range(B)]
+        n_pages = round(B * self.cfg.pages)
+        return [make_page(first + i, self.cfg.seed, self.vision.image_size) if i < n_pages
+                else make_sample(self.cfg.split, first + i, self.data) for i in range(B)]
 
     def __call__(self, step: int):
         samples = self.samples(step)

@@ -79,13 +79,15 @@ def patch_targets(samples: list[dict], vision: VisionConfig) -> dict[str, torch.
 
 
 def text_runs(meta: dict, size: int) -> list[tuple[str, float, float, object]]:
-    """(string, x, y, font) of every line drawn in an OCR or document image, as the renderers
+    """(string, x, y, font) of every line drawn in an OCR, document or page image, as the renderers
     in llava_core.data place them (same fonts, same arithmetic)."""
     from ..data.fonts import load_font
 
     if meta["kind"] == "text":
         font, _ = load_font(meta["font_size"], "sans", None)
         return [(meta["text"], *meta["origin"], font)]
+    if meta["kind"] == "page":
+        return [(text, x, y, load_font(font_size, "sans", None)[0]) for text, x, y, font_size in meta["runs"]]
     s, m, pitch = size, meta["margin"], meta["pitch"]
     tfont, _ = load_font(meta["title_size"], "sans", None)
     rfont, _ = load_font(meta["row_size"], "sans", None)
