@@ -315,6 +315,28 @@ def test_ocr_renders_in_bbox():
         assert (np.abs(arr - COLOURS[m["text_colour"]]).sum(-1) < 30).sum() > 50
 
 
+def test_pages_draw_their_runs_and_repeat_by_index():
+    from llava_core.data.page import ALPHABET, MAX_CHARS, make_page, page_caption
+    from llava_core.train.stage0_heads import text_runs
+
+    for i in range(30):
+        p = make_page(i)
+        runs, arr = p["meta"]["runs"], np.asarray(p["image"], dtype=np.int32)
+        assert np.array_equal(arr, np.asarray(make_page(i)["image"])) and runs == make_page(i)["meta"]["runs"]
+        assert runs and sum(len(t) for t, *_ in runs) <= MAX_CHARS + 6
+        assert all(3 <= len(t) <= 8 and set(t) <= set(ALPHABET) for t, *_ in runs)
+        assert page_caption(p["meta"]) == "the text " + " , ".join(t for t, *_ in runs)
+        ink = np.abs(arr - TEXT_BACKGROUNDS[p["meta"]["background"]]).sum(-1) > 0
+        boxes = np.zeros_like(ink)
+        for text, x, y, font in text_runs(p["meta"], 224):  # the boxes stage 0's targets are built from
+            x0, y0, x1, y1 = font.getbbox(text)
+            assert 0 <= x + x0 and x + x1 <= 224 and 0 <= y + y0 and y + y1 <= 224, (i, text)
+            boxes[y + y0:y + y1, x + x0:x + x1] = True
+        assert ink.sum() > 0 and ink.sum() == (ink & boxes).sum(), i  # every inked pixel lies in a run's box
+    assert not np.array_equal(np.asarray(make_page(0)["image"]), np.asarray(make_page(1)["image"]))
+    assert make_page(0, seed=1)["meta"]["runs"] != make_page(0)["meta"]["runs"]
+
+
 def test_document_answers():
     cfg = DataConfig(mix={"document": 1.0})
     for i in range(60):

@@ -303,6 +303,29 @@ def test_stage0_learns_and_transfers_exactly(tmp_path):
                     visual_state(m.clip))
 
 
+def test_stage0_pages_take_their_share_of_each_batch_with_character_targets():
+    from llava_core.data import make_sample
+    from llava_core.train.stage0_clip import PairBatches
+    from llava_core.train.stage0_heads import OCR_CHARS
+
+    V = dataclasses.replace(VISION, image_size=224, patch_size=32)
+    plain, paged = (PairBatches(V, dataclasses.replace(stage0_cfg(1), pages=p)) for p in (0.0, 0.25))
+    assert [s["meta"]["kind"] for s in paged.samples(3)].count("page") == 4
+    assert all(s["meta"]["kind"] == "page" for s in paged.samples(3)[:4])
+    assert [s["meta"] for s in plain.samples(3)] == [make_sample("train", 48 + i, plain.data)["meta"] for i in range(16)]
+    assert [s["meta"] for s in paged.samples(3)[4:]] == [s["meta"] for s in plain.samples(3)[4:]]  # the rest as before
+    px, text, targets = paged(3)
+    pages = paged.samples(3)[:4]
+    for b, s in enumerate(pages):
+        drawn = {OCR_CHARS.index(c) for t, *_ in s["meta"]["runs"] for c in t}
+        labelled = set(targets["char"][b].tolist()) - {0}
+        assert labelled and labelled <= drawn  # every label is a character the page shows
+        assert (targets["colour"][b] == -100).all() and (targets["patch_shape"][b] == -100).all()
+        tok = CaptionTokenizer()
+        assert text[b, 3:3 + len(s["meta"]["runs"][0][0])].tolist() == [tok.vocab[c] for c in s["meta"]["runs"][0][0]]
+    assert not targets["ocr"][:4].any()
+
+
 def test_position_heads_ask_each_patch_for_its_own_row_and_column():
     """With `position`, the aux loss gains exactly two cross-entropies: each patch token against
     its row-major grid row and column (a swapped or transposed target would not match)."""
@@ -790,13 +813,14 @@ def test_recipe_variants_replay_the_shipped_steps_then_change_one_thing():
     assert sorted(config_differences(dataclasses.asdict(shipped), dataclasses.asdict(wide))) == [
         "stage2.lora_alpha: 16 -> 32", "stage2.lora_r: 8 -> 16"]
     diff = {name: sorted(config_differences(dataclasses.asdict(shipped), dataclasses.asdict(rv.variant_recipe(name))))
-            for name in ("reader", "reader_reading_mix", "reader_patch16_shuffle", "reader_patch16")}
+            for name in ("reader", "reader_reading_mix", "reader_patch16_shuffle", "reader_patch16", "pages")}
     assert diff["reader"] == ["stage0.reader: 0 -> 2"]
     assert diff["reader_reading_mix"] == ["stage0.reader: 0 -> 2", "stage2.mix.document: 1.0 -> 3.0",
                                           "stage2.mix.ocr: 1.0 -> 3.0"]
     assert diff["reader_patch16_shuffle"] == ["projector: 'mlp2x_gelu' -> 'shuffle2_mlp2x_gelu'",
                                               "stage0.reader: 0 -> 2", "vision.patch_size: 32 -> 16"]
     assert diff["reader_patch16"] == ["stage0.reader: 0 -> 2", "vision.patch_size: 32 -> 16"]
+    assert diff["pages"] == ["stage0.pages: 0.0 -> 0.3"]
 
 
 def test_patch_cost_times_a_step_by_the_median_after_the_warm_up(tmp_path):

@@ -38,7 +38,7 @@ def make_page(index: int, seed: int = 0, size: int = 224) -> dict:
     lo, hi = rng.choice(SIZES)
     font_size = max(8, int(rng.uniform(lo, hi) * size) // 2 * 2)
     font, stroke = load_font(font_size, "sans", None)
-    _, top, _, bottom = font.getbbox("A0")
+    _, top, _, bottom = font.getbbox(ALPHABET)  # the tallest glyphs' extent (Q's tail, J)
     background = rng.choice(tuple(TEXT_BACKGROUNDS))
     img = Image.new("RGB", (size, size), TEXT_BACKGROUNDS[background])
     draw = ImageDraw.Draw(img)
