@@ -122,8 +122,8 @@ def reader_patch16(r) -> None:
 
 def pages(r) -> None:
     """Three tenths of each stage-0 batch are character pages (data/page.py): lines of random
-    capitals and digits at OCR and document type sizes, five to ten times the labelled glyphs
-    of an OCR scene per image, for the per-patch character head."""
+    capitals and digits at the OCR scenes' type sizes, about four times the labelled glyphs of
+    an OCR scene per image, for the per-patch character head."""
     r.stage0.pages = 0.3
 
 

@@ -319,7 +319,7 @@ def test_pages_draw_their_runs_and_repeat_by_index():
     from llava_core.data.page import ALPHABET, MAX_CHARS, make_page, page_caption
     from llava_core.train.stage0_heads import text_runs
 
-    for i in range(30):
+    for i in range(60):
         p = make_page(i)
         runs, arr = p["meta"]["runs"], np.asarray(p["image"], dtype=np.int32)
         assert np.array_equal(arr, np.asarray(make_page(i)["image"])) and runs == make_page(i)["meta"]["runs"]
