@@ -813,7 +813,8 @@ def test_recipe_variants_replay_the_shipped_steps_then_change_one_thing():
     assert sorted(config_differences(dataclasses.asdict(shipped), dataclasses.asdict(wide))) == [
         "stage2.lora_alpha: 16 -> 32", "stage2.lora_r: 8 -> 16"]
     diff = {name: sorted(config_differences(dataclasses.asdict(shipped), dataclasses.asdict(rv.variant_recipe(name))))
-            for name in ("reader", "reader_reading_mix", "reader_patch16_shuffle", "reader_patch16", "pages")}
+            for name in ("reader", "reader_reading_mix", "reader_patch16_shuffle", "reader_patch16", "pages",
+                                 "pages_reading_mix")}
     assert diff["reader"] == ["stage0.reader: 0 -> 2"]
     assert diff["reader_reading_mix"] == ["stage0.reader: 0 -> 2", "stage2.mix.document: 1.0 -> 3.0",
                                           "stage2.mix.ocr: 1.0 -> 3.0"]
@@ -821,6 +822,8 @@ def test_recipe_variants_replay_the_shipped_steps_then_change_one_thing():
                                               "stage0.reader: 0 -> 2", "vision.patch_size: 32 -> 16"]
     assert diff["reader_patch16"] == ["stage0.reader: 0 -> 2", "vision.patch_size: 32 -> 16"]
     assert diff["pages"] == ["stage0.pages: 0.0 -> 0.3"]
+    assert diff["pages_reading_mix"] == ["stage0.pages: 0.0 -> 0.3", "stage2.mix.document: 1.0 -> 3.0",
+                                         "stage2.mix.ocr: 1.0 -> 3.0"]
 
 
 def test_patch_cost_times_a_step_by_the_median_after_the_warm_up(tmp_path):
