@@ -315,13 +315,12 @@ def test_stage0_pages_take_their_share_of_each_batch_with_character_targets():
     assert [s["meta"] for s in plain.samples(3)] == [make_sample("train", 48 + i, plain.data)["meta"] for i in range(16)]
     assert [s["meta"] for s in paged.samples(3)[4:]] == [s["meta"] for s in plain.samples(3)[4:]]  # the rest as before
     px, text, targets = paged(3)
-    pages = paged.samples(3)[:4]
+    pages, tok = paged.samples(3)[:4], CaptionTokenizer()
     for b, s in enumerate(pages):
         drawn = {OCR_CHARS.index(c) for t, *_ in s["meta"]["runs"] for c in t}
         labelled = set(targets["char"][b].tolist()) - {0}
         assert labelled and labelled <= drawn  # every label is a character the page shows
         assert (targets["colour"][b] == -100).all() and (targets["patch_shape"][b] == -100).all()
-        tok = CaptionTokenizer()
         assert text[b, 3:3 + len(s["meta"]["runs"][0][0])].tolist() == [tok.vocab[c] for c in s["meta"]["runs"][0][0]]
     assert not targets["ocr"][:4].any()
 
@@ -814,7 +813,7 @@ def test_recipe_variants_replay_the_shipped_steps_then_change_one_thing():
         "stage2.lora_alpha: 16 -> 32", "stage2.lora_r: 8 -> 16"]
     diff = {name: sorted(config_differences(dataclasses.asdict(shipped), dataclasses.asdict(rv.variant_recipe(name))))
             for name in ("reader", "reader_reading_mix", "reader_patch16_shuffle", "reader_patch16", "pages",
-                                 "pages_reading_mix")}
+                         "pages_reading_mix")}
     assert diff["reader"] == ["stage0.reader: 0 -> 2"]
     assert diff["reader_reading_mix"] == ["stage0.reader: 0 -> 2", "stage2.mix.document: 1.0 -> 3.0",
                                           "stage2.mix.ocr: 1.0 -> 3.0"]

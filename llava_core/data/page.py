@@ -13,13 +13,12 @@ them by index (`make_page`), beside the samples of its mix.
 
 from __future__ import annotations
 
-import hashlib
-import random
 import string
 
 from PIL import Image, ImageDraw
 
 from .fonts import font_name, load_font
+from .splits import keyed_rng
 from .vocab import COLOURS, TEXT_BACKGROUNDS, TEXT_COLOURS
 
 ALPHABET = string.ascii_uppercase + string.digits
@@ -27,15 +26,10 @@ SIZE = (0.16, 0.24)  # type size, fraction of the side: OCR scenes' (documents b
 MAX_CHARS = 40  # stage 0's caption context is 64 tokens, one per character
 
 
-def page_rng(seed: int, index: int) -> random.Random:
-    digest = hashlib.blake2b(f"{seed}:page:{index}".encode(), digest_size=8).digest()
-    return random.Random(int.from_bytes(digest, "little"))
-
-
 def make_page(index: int, seed: int = 0, size: int = 224) -> dict:
     """Page `index`: {"image", "meta"} with meta["runs"] = [[text, x, y, font_size], ...], the
     lines top to bottom as drawn (x, y: Pillow's text origin)."""
-    rng = page_rng(seed, index)
+    rng = keyed_rng(f"{seed}:page:{index}")  # a stream apart from every split's
     font_size = max(8, int(rng.uniform(*SIZE) * size) // 2 * 2)
     font, stroke = load_font(font_size, "sans", None)
     _, top, _, bottom = font.getbbox(ALPHABET)  # the tallest glyphs' extent (Q's tail, J)
@@ -45,9 +39,10 @@ def make_page(index: int, seed: int = 0, size: int = 224) -> dict:
     runs, chars, y = [], 0, rng.uniform(0, 0.3 * font_size) - top
     while y + bottom <= size and chars < MAX_CHARS:
         text = "".join(rng.choice(ALPHABET) for _ in range(rng.randint(3, min(8, MAX_CHARS - chars + 2))))
-        while font.getbbox(text)[2] - font.getbbox(text)[0] > 0.95 * size:
-            text = text[:-1]
         left, _, right, _ = font.getbbox(text)  # left < 0 for J's overhang
+        while right - left > 0.95 * size:
+            text = text[:-1]
+            left, _, right, _ = font.getbbox(text)
         x = round(rng.uniform(-left, size - right))
         fill = COLOURS[rng.choice(TEXT_COLOURS)]
         draw.text((x, round(y)), text, fill=fill, font=font, stroke_width=stroke, stroke_fill=fill)

@@ -19,12 +19,17 @@ BUCKETED = ("train", "validation", "test")
 _BUCKETS = 10_000
 
 
+def keyed_rng(key: str) -> random.Random:
+    """An RNG that depends on `key` only (not on Python's hash seed)."""
+    digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
+    return random.Random(int.from_bytes(digest, "little"))
+
+
 def sample_rng(seed: int, split: str, index: int) -> random.Random:
     """The RNG of sample `index` of `split`."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
-    digest = hashlib.blake2b(f"{seed}:{split}:{index}".encode(), digest_size=8).digest()
-    return random.Random(int.from_bytes(digest, "little"))
+    return keyed_rng(f"{seed}:{split}:{index}")
 
 
 def bucket_of(key: str, fractions: tuple[float, float, float]) -> str:
