@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from llava_core.data import (COLOURS, HELDOUT_PAIRS, QTYPES, SHAPES, DataConfig, ShiftConfig, SyntheticDataset,
-                             caption_pairs, make_sample, save_grid)
+from llava_core.data import (COLOURS, HELDOUT_PAIRS, INSTRUCT_MIX, QTYPES, SHAPES, DataConfig, ShiftConfig,
+                             SyntheticDataset, caption_pairs, make_sample, save_grid)
 from llava_core.data.__main__ import main as cli_main
 from llava_core.data.grid import grid_size
 from llava_core.data.questions import SHAPE_ASKERS
@@ -97,7 +97,8 @@ def test_yesno_balance():
 
 
 def test_every_qtype_and_task(train):
-    assert {s["qtype"] for s in train} == set(QTYPES)
+    assert {s["qtype"] for s in train} == set(INSTRUCT_MIX)  # the scored suite's mix
+    assert set(QTYPES) - set(INSTRUCT_MIX) == {"list", "presence", "absent"}  # recipes add these
     tasks = {t for s in train for t in s["meta"]["tasks"]}
     for task in ("count_all", "count_shape", "count_colour", "position_where", "position_lr", "position_tb",
                  "yesno_exists", "yesno_attribute", "yesno_side", "yesno_count", "ocr_read", "ocr_colour",
@@ -170,6 +171,21 @@ def _expected(task: str, q: str, objs: list) -> str | None:
     if task == "yesno_count":
         n = int(re.search(r"\d+", q).group())
         return "yes" if n == len(objs) else "no"
+    if task in ("list_shapes", "list_colours"):  # each value once, in the order objects come
+        key = task.split("_")[1][:-1]
+        firsts = {}
+        for i, o in enumerate(objs):
+            firsts.setdefault(o[key], i)
+        return " and ".join([", ".join(sorted(firsts, key=firsts.get)[:-1]), sorted(firsts, key=firsts.get)[-1]]
+                            ).removeprefix(" and ")
+    if task in ("presence_shape", "presence_colour"):
+        named = [w for w in words if w in (SHAPES if task == "presence_shape" else COLOURS)]
+        assert len(named) == 1, q
+        return "yes" if any(named[0] in (o["shape"], o["colour"]) for o in objs) else "no"
+    if task in ("absent_shape", "absent_colour"):
+        named = [w for w in words if w in (SHAPES if task == "absent_shape" else COLOURS)]
+        assert len(named) == 1 and all(named[0] not in (o["shape"], o["colour"]) for o in objs), (q, objs)
+        return f"There is no {named[0]}{' object' if task == 'absent_colour' else ''}."
     if task == "caption_detailed":
         body = "".join(f"a {o['size']} {o['colour']} {o['shape']} {CELL_PHRASES[o['cell']]}" for o in objs)
         return body  # compared after stripping the joining words, below
@@ -177,7 +193,18 @@ def _expected(task: str, q: str, objs: list) -> str | None:
 
 
 def test_answers_match_scene(train_shapes):
-    assert len(_check_answers(train_shapes)) >= 15
+    checked = _check_answers(train_shapes)
+    assert len(checked) >= 21
+    for task in ("list_shapes", "list_colours", "presence_shape", "presence_colour", "absent_shape",
+                 "absent_colour"):
+        assert checked[task] >= 20, (task, checked)
+
+
+def test_presence_is_balanced():
+    """Presence answers are decided by a fair coin, as yes/no's (the scored suite's draws are pinned
+    by the recorded answers in tests/test_shipped_model.py, which new askers must not move)."""
+    answers = Counter(make_sample("train", i, DataConfig(mix={"presence": 1.0}))["answer"] for i in range(400))
+    assert set(answers) == {"yes", "no"} and abs(answers["yes"] / 400 - 0.5) <= 0.08, answers
 
 
 def test_packed_samples():

@@ -188,3 +188,24 @@ def test_shared_overall_compares_splits_on_the_types_they_share():
     no_captions = {q: v for q, v in a.items() if q != "caption_short"}  # captions are not scored
     assert "types every split has" not in ev.format_table({"a": a, "b": no_captions})
     assert ev.shared_overall({}) == {}
+
+
+def test_natural_suite_asks_the_natural_questions(tiny_ckpt, monkeypatch, tmp_path):
+    """`--suite natural` scores the same splits drawn from NATURAL_MIX: only list, presence and
+    absent questions, each with the answer the sample holds (checked via the predictions file)."""
+    from llava_core.cli.eval import add_eval_args, run_eval
+
+    def fake(model, processor, conversations, images, max_new_tokens=24):
+        return ["yes"] * len(conversations)
+    monkeypatch.setattr(synthetic, "answer_batch", fake)
+    parser = argparse.ArgumentParser()
+    add_eval_args(parser)
+    args = parser.parse_args([str(tiny_ckpt), "--suite", "natural", "-n", "30", "--splits", "test,heldout",
+                              "--predictions", str(tmp_path / "p.jsonl")])
+    results = run_eval(args)
+    rows = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
+    assert {r["qtype"] for r in rows} == {"list", "presence", "absent"} and len(rows) == 60
+    for r in rows:  # "yes" is right exactly where the answer is yes
+        assert r["score"] == (r["answer"] == "yes")
+    yes = [r["answer"] == "yes" for r in rows if r["split"] == "test"]
+    assert results["test"]["overall"]["acc"] == pytest.approx(sum(yes) / len(yes)) and 0 < sum(yes) < 30

@@ -15,7 +15,10 @@ def add_eval_args(parser) -> None:
     """Arguments of `llava-core eval MODEL --suite synthetic | --jsonl FILE [--out results.json]`."""
     parser.add_argument("model", help="'default', a llava-hf checkpoint folder or a parts folder")
     what = parser.add_mutually_exclusive_group(required=True)
-    what.add_argument("--suite", choices=["synthetic"], help="the synthetic test/heldout/shifted splits")
+    what.add_argument("--suite", choices=["synthetic", "natural"],
+                      help="the synthetic test/heldout/shifted splits; 'natural': the same splits asked the "
+                           "questions the synthetic suite leaves out (what shapes are there, is there a star, "
+                           "the colour of an absent shape)")
     what.add_argument("--jsonl", type=Path, help="lines of {image, question, answers}: VQA soft accuracy")
     parser.add_argument("--splits", default="test,heldout,shifted", help="synthetic splits, comma-separated")
     parser.add_argument("-n", "--n-per-split", type=int, default=200, help="synthetic questions per split")
@@ -60,9 +63,13 @@ def run_eval(args) -> dict:
     if args.jsonl is not None:
         results = evaluate_jsonl(model, processor, args.jsonl, args.batch_size, args.max_new_tokens, rows)
     else:
+        from ..data import NATURAL_MIX, DataConfig
+
         splits = tuple(s.strip() for s in args.splits.split(",") if s.strip())
+        data = DataConfig(image_size=model.cfg.vision.image_size, mix=dict(NATURAL_MIX)) \
+            if args.suite == "natural" else None
         results = evaluate_synthetic(model, processor, splits, args.n_per_split, args.batch_size, args.seed,
-                                     args.max_new_tokens, predictions=rows)
+                                     args.max_new_tokens, data_config=data, predictions=rows)
     print(format_table(results))
     if args.out is not None:
         save_json(results, args.out)

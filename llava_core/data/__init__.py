@@ -6,8 +6,8 @@ questions, captions and multi-turn conversations; seeded per (split, index).
     ds = SyntheticDataset("validation", 1000, DataConfig(mix="caption"))
 """
 
-from .dataset import (CAPTION_MIX, CONTRASTIVE_MIX, INSTRUCT_MIX, MIXES, QTYPES, DataConfig, SyntheticDataset,
-                      caption_pairs, make_sample)
+from .dataset import (CAPTION_MIX, CONTRASTIVE_MIX, INSTRUCT_MIX, MIXES, NATURAL_MIX, QTYPES, DataConfig,
+                      SyntheticDataset, caption_pairs, make_sample)
 from .grid import save_grid
 from .scene import SceneConfig
 from .shift import ShiftConfig
@@ -16,6 +16,6 @@ from .vocab import COLOURS, HELDOUT_PAIRS, SHAPES
 
 __all__ = [
     "DataConfig", "SceneConfig", "ShiftConfig", "make_sample", "SyntheticDataset", "caption_pairs",
-    "save_grid", "QTYPES", "SPLITS", "MIXES", "CAPTION_MIX", "INSTRUCT_MIX", "CONTRASTIVE_MIX",
+    "save_grid", "QTYPES", "SPLITS", "MIXES", "CAPTION_MIX", "INSTRUCT_MIX", "NATURAL_MIX", "CONTRASTIVE_MIX",
     "COLOURS", "SHAPES", "HELDOUT_PAIRS",
 ]

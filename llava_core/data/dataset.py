@@ -29,8 +29,11 @@ INSTRUCT_MIX = {  # stage 2: every task
     "yesno": 1.5, "caption_short": 0.25, "caption_detailed": 0.25, "ocr": 1.0, "document": 1.0,
     "multiturn": 1.0,
 }
+# questions a user asks first that INSTRUCT_MIX (and so the scored suite) leaves out: "What shapes
+# are in the image?", "Is there a star?", "What colour is the circle?" when there is none
+NATURAL_MIX = {"list": 1.0, "presence": 1.0, "absent": 1.0}
 CONTRASTIVE_MIX = {"caption_detailed": 1.0}  # (image, caption naming every object) pairs
-MIXES = {"caption": CAPTION_MIX, "instruct": INSTRUCT_MIX, "contrastive": CONTRASTIVE_MIX}
+MIXES = {"caption": CAPTION_MIX, "instruct": INSTRUCT_MIX, "natural": NATURAL_MIX, "contrastive": CONTRASTIVE_MIX}
 # askers of text and document images by function name, the names packed weights use
 TEXT_ASKERS = {a.__name__: a for a in (text.ask_ocr, text.ask_text_colour, text.ask_text_length)}
 DOCUMENT_ASKERS = {a.__name__: a for a in document.DOC_ASKERS}

@@ -45,6 +45,14 @@ NUMBER_QS = ("Is the number of shapes {n}?", "Does the image contain exactly {n}
              "Is the shape count {n}?", "Do you count {n} {noun} in the image?")
 SHORT_QS = ("Describe the image briefly.", "Give a short caption for this image.",
             "What is in this picture? Answer briefly.", "Write a one-line caption for the image.")
+LIST_SHAPES_QS = ("What shapes are in the image?", "What shapes can you see?", "Which shapes does the image show?",
+                  "List the shapes in the picture.")
+LIST_COLOURS_QS = ("What colours are in the image?", "Which colours can you see?", "What colours do the shapes have?",
+                   "List the colours in the picture.")
+PRESENCE_QS = ("Is there a {thing}?", "Do you see a {thing}?", "Is there a {thing} in the image?",
+               "Does the picture have a {thing}?")
+ABSENT_COLOUR_QS = ("What colour is the {shape}?", "What is the colour of the {shape}?")
+ABSENT_SHAPE_QS = ("What shape is the {colour} object?", "What is the shape of the {colour} object?")
 DETAILED_QS = ("Describe the image in detail.", "Give a detailed description of this image.",
                "List every object in the image with its size, colour and position.",
                "Describe each shape in the picture and where it is.")
@@ -193,6 +201,51 @@ def ask_yesno(rng, objects, ctx):
     return None
 
 
+def _listed(words: list[str]) -> str:
+    """'circle', 'circle and star', 'circle, star and heart'."""
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
+
+
+def _distinct(values) -> list[str]:
+    return list(dict.fromkeys(values))  # first-seen order
+
+
+def ask_list(rng, objects, ctx):
+    """'What shapes are in the image?' -> 'triangle, star and heart': each distinct shape (or
+    colour) once, in canonical (row-major) order, as captions list objects."""
+    if rng.random() < 0.5:
+        return rng.choice(LIST_SHAPES_QS), _listed(_distinct(o["shape"] for o in objects)), "list_shapes"
+    return rng.choice(LIST_COLOURS_QS), _listed(_distinct(o["colour"] for o in objects)), "list_colours"
+
+
+def ask_presence(rng, objects, ctx):
+    """'Is there a star?': a shape or a colour alone, yes by a fair coin (yes/no names a pair)."""
+    yes = rng.random() < 0.5
+    key = rng.choice(("shape", "colour"))
+    here = {o[key] for o in objects}
+    known = {p[0 if key == "colour" else 1] for p in ctx.mention}
+    pool = sorted(here) if yes else sorted(known - here)
+    if not pool:
+        return None
+    value = rng.choice(pool)
+    thing = value if key == "shape" else f"{value} object"
+    return rng.choice(PRESENCE_QS).format(thing=thing), "yes" if yes else "no", f"presence_{key}"
+
+
+def ask_absent(rng, objects, ctx):
+    """A colour asked of a shape the image lacks, or a shape of a colour it lacks:
+    'What colour is the circle?' -> 'There is no circle.'"""
+    key = rng.choice(("shape", "colour"))
+    known = {p[0 if key == "colour" else 1] for p in ctx.mention}
+    pool = sorted(known - {o[key] for o in objects})
+    if not pool:
+        return None
+    value = rng.choice(pool)
+    if key == "shape":
+        return rng.choice(ABSENT_COLOUR_QS).format(shape=value), f"There is no {value}.", "absent_shape"
+    return rng.choice(ABSENT_SHAPE_QS).format(colour=value), f"There is no {value} object.", "absent_colour"
+
+
 def short_caption(objects: list[dict]) -> str:
     """'A red circle, a blue square and an orange star.' in canonical (row-major) order."""
     parts = [f"{_article(o['colour'])} {o['colour']} {o['shape']}" for o in objects]
@@ -220,4 +273,6 @@ SHAPE_ASKERS = {
     "colour": ask_colour, "shape": ask_shape, "count": ask_count, "size": ask_size,
     "position": ask_position, "relation": ask_relation, "yesno": ask_yesno,
     "caption_short": ask_caption_short, "caption_detailed": ask_caption_detailed,
+    # natural questions the instruct mix (and so the scored suite) leaves out; recipes add them
+    "list": ask_list, "presence": ask_presence, "absent": ask_absent,
 }
