@@ -134,12 +134,20 @@ def pages_reading_mix(r) -> None:
     r.stage2.mix.update(ocr=3.0, document=3.0)
 
 
+def natural(r) -> None:
+    """Stage 2 also answers the natural questions the instruct mix leaves out (`data/questions.py`):
+    "What shapes are in the image?" (list 0.5), "Is there a star?" (a shape or colour alone,
+    presence 0.5) and "What colour is the circle?" when there is none (absent 0.25). The README's
+    first command asks the first of these; the shipped weights answer it with one shape."""
+    r.stage2.mix.update(list=0.5, presence=0.5, absent=0.25)
+
+
 VARIANTS = {"shipped": lambda r: None, "content_route": content_route, "position_heads": position_heads,
             "position_mix": position_mix, "mirror_twins": mirror_twins, "reading_light": reading_light,
             "lora_r16": lora_r16, "pos_projector": pos_projector,
             "reader": reader, "reader_reading_mix": reader_reading_mix,
             "reader_patch16_shuffle": reader_patch16_shuffle, "reader_patch16": reader_patch16, "pages": pages,
-            "pages_reading_mix": pages_reading_mix}
+            "pages_reading_mix": pages_reading_mix, "natural": natural}
 
 
 def variant_recipe(name: str, steps_scale: float = 1.0, seed: int | None = None):
@@ -190,6 +198,7 @@ def run(args) -> None:
     name += "" if args.start is None else f"_from-{args.start.name}"
     out = args.out / (name if args.seed is None else f"{name}_seed{args.seed}")
     recipe = variant_recipe(args.name, args.steps_scale, args.seed)
+    recipe.threads = args.threads or recipe.threads  # how a step computes, not what: not a variant
     stages = STAGES
     if args.start is not None:
         start_from(args.start, out, args.name)
@@ -221,6 +230,7 @@ def sweep(args) -> None:
             log = open(args.out / "logs" / f"{a}_seed{s}.log", "w")
             cmd = [sys.executable, __file__, "run", a, "--seed", str(s), "--out", str(args.out), "--device",
                    args.device, "--workers", str(args.workers), "-n", str(args.n), "--resume"]
+            cmd += ["--threads", str(args.threads)] if args.threads else []
             running.append(((a, s), subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT), log))
             print(f"started {a} seed {s}", flush=True)
         time.sleep(5)
@@ -301,6 +311,7 @@ def main() -> None:
                    help="train stage 2 alone, from RUN/train's stage-0 tower and stage-1 projector")
     r.add_argument("-n", type=int, default=200, help="questions per split")
     r.add_argument("--resume", action="store_true", help="continue an interrupted run in OUT/NAME")
+    r.add_argument("--threads", type=int, help="torch threads per run (default: the recipe's, 2)")
     r.set_defaults(func=run)
     w = sub.add_parser("sweep", help="run arms x seeds, several at a time, then print the table")
     w.add_argument("arms", help="comma-separated variant names")
@@ -310,6 +321,7 @@ def main() -> None:
     w.add_argument("--device", default="cpu")
     w.add_argument("--workers", type=int, default=0, help="per run: processes drawing stage 0's batches ahead")
     w.add_argument("-n", type=int, default=200, help="questions per split")
+    w.add_argument("--threads", type=int, help="torch threads per run (default: the recipe's, 2)")
     w.set_defaults(func=sweep)
     t = sub.add_parser("table", help="print the scores of every variant under OUT")
     t.add_argument("out", type=Path)
