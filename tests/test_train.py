@@ -209,6 +209,17 @@ def test_budget_split_over_the_stages_run():
     assert r.stage_budgets((1, 2)) == {0: None, 1: 1200, 2: 2400}
 
 
+def test_quick_recipe_is_the_default_in_half_the_time():
+    """`--recipe quick` plans its stages within 30 minutes and computes as the default does: the
+    only differences are its name, its budget and the probes it skips."""
+    from llava_core.train.recipe import RECIPES
+
+    quick, default = RECIPES["quick"](), RECIPES["default"]()
+    assert quick.budget_minutes <= 30 and sum(quick.stage_budgets().values()) <= (30 - quick.reserve_minutes) * 60
+    assert sorted(config_differences(dataclasses.asdict(default), dataclasses.asdict(quick))) == [
+        "budget_minutes: 58.0 -> 28.0", "name: 'default' -> 'quick'", "probe: True -> False"]
+
+
 def test_replay_sets_the_recorded_steps_and_refuses_other_settings():
     recorded = Recipe()
     summary = {"recipe": json.loads(json.dumps(dataclasses.asdict(recorded), default=str)),
@@ -823,6 +834,8 @@ def test_recipe_variants_replay_the_shipped_steps_then_change_one_thing():
     assert diff["pages"] == ["stage0.pages: 0.0 -> 0.3"]
     assert diff["pages_reading_mix"] == ["stage0.pages: 0.0 -> 0.3", "stage2.mix.document: 1.0 -> 3.0",
                                          "stage2.mix.ocr: 1.0 -> 3.0"]
+    assert sorted(config_differences(dataclasses.asdict(shipped), dataclasses.asdict(rv.variant_recipe("natural")))) == [
+        "stage2.mix.absent: None -> 0.25", "stage2.mix.list: None -> 0.5", "stage2.mix.presence: None -> 0.5"]
 
 
 def test_patch_cost_times_a_step_by_the_median_after_the_warm_up(tmp_path):

@@ -149,6 +149,13 @@ def default_recipe() -> Recipe:
     return Recipe()
 
 
+def quick_recipe() -> Recipe:
+    """The default recipe in a 28-minute budget, without the tower probes: a working model in a
+    coffee break on two CPU cores. Each stage gets the same share, so about half the steps
+    (benchmarks/default_model.md measures what that costs)."""
+    return Recipe(name="quick", budget_minutes=28.0, probe=False)
+
+
 def smoke_recipe() -> Recipe:
     """A few minutes end to end: checks the wiring on the real decoder, learns little."""
     r = Recipe(name="smoke", budget_minutes=None, probe=False, eval_samples=16)
@@ -159,7 +166,7 @@ def smoke_recipe() -> Recipe:
     return r
 
 
-RECIPES = {"default": default_recipe, "smoke": smoke_recipe}
+RECIPES = {"default": default_recipe, "quick": quick_recipe, "smoke": smoke_recipe}
 
 
 # --- stage outputs ---------------------------------------------------------------------------
