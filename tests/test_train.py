@@ -236,6 +236,7 @@ def test_replay_sets_the_recorded_steps_and_refuses_other_settings():
     # a run made under another budget or split replays: a replay pins the steps the budget set
     rebudgeted = Recipe(budget_minutes=30.0, shares=(0.2, 0.2, 0.6), reserve_minutes=1.0)
     assert (rebudgeted.replay(summary).stage2.loop.steps, rebudgeted.budget_minutes) == (289, None)
+    assert Recipe(threads=1).replay(summary).threads == 1  # and one run on other threads
     del summary["recipe"]["stage0"]["aux_position"]  # a record made before the setting existed ...
     off, on = Recipe(), Recipe()
     off.stage0.aux_position, on.stage0.aux_position = False, True

@@ -106,8 +106,9 @@ class Recipe:
             if cfg.autocast == "auto":  # chosen per machine; the replay uses what the run used
                 cfg.autocast = recorded.get(f"stage{s}", {}).get("autocast")
         # the budget only sets step counts, and a replay pins those: a run made under another
-        # budget or split replays as long as everything that computes is the same
-        unused = ("budget_minutes", "shares", "reserve_minutes")
+        # budget or split replays as long as everything that computes is the same. Threads
+        # change only the order of a sum (a replay on other threads is close, not bit for bit)
+        unused = ("budget_minutes", "shares", "reserve_minutes", "threads")
         differ = config_differences({k: v for k, v in recorded.items() if k not in unused},
                                     {k: v for k, v in _jsonable(asdict(self)).items() if k not in unused})
         if differ:
