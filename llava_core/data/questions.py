@@ -3,7 +3,8 @@
 Every asker takes (rng, objects, ctx) and returns (question, answer, task) or None when
 the scene cannot support it (then the caller draws another scene). Objects are named
 by their (colour, shape) pair, unique within a scene, or by shape/colour plus cell.
-Answers are short and canonical: a colour, a shape, a digit, a cell name, yes/no.
+Answers are short and canonical: a colour, a shape, a digit, a cell name, yes/no, a list
+("triangle, star and heart"), or "There is no circle." for an object the image lacks.
 """
 
 from __future__ import annotations
@@ -249,14 +250,14 @@ def ask_absent(rng, objects, ctx):
 def short_caption(objects: list[dict]) -> str:
     """'A red circle, a blue square and an orange star.' in canonical (row-major) order."""
     parts = [f"{_article(o['colour'])} {o['colour']} {o['shape']}" for o in objects]
-    text = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    text = _listed(parts)
     return text[0].upper() + text[1:] + "."
 
 
 def detailed_caption(objects: list[dict]) -> str:
     """Every object with size, colour, shape and cell, in canonical (row-major) order."""
     parts = [f"a {o['size']} {o['colour']} {o['shape']} {CELL_PHRASES[o['cell']]}" for o in objects]
-    body = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    body = _listed(parts)
     head = "There is 1 shape" if len(objects) == 1 else f"There are {len(objects)} shapes"
     return f"{head}: {body}."
 
