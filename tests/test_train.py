@@ -905,3 +905,26 @@ def test_recipe_variants_from_a_run_trains_stage_2_alone(tmp_path):
     rv.start_from(run, tmp_path / "mix", "position_mix")  # a stage-2 change
     assert (tmp_path / "mix" / "train" / "stage0_visual.safetensors").read_bytes() == b"tower"
     assert (tmp_path / "mix" / "train" / "stage1_projector.safetensors").read_bytes() == b"projector"
+
+
+def test_position_drill_starts_from_the_shipped_tower_and_projector():
+    """The drill's arm holds the shipped tower and every projector tensor the shipped projector
+    has; the row and column tables only mlp2x_gelu_pos has stay at their zero init (so the arm
+    starts as the shipped model's vision path)."""
+    weights = Path(__file__).resolve().parents[1] / "weights"
+    if not (weights / "parts.safetensors").is_file():
+        pytest.skip("weights/ holds no trained model")
+    from safetensors.torch import load_file
+
+    drill = _benchmark("position_drill")
+    model, fresh = drill.build("mlp2x_gelu_pos", weights)
+    assert fresh == ["col_embed", "row_embed"]
+    shipped = load_file(str(weights / "parts.safetensors"))
+    proj = model.projector.state_dict()
+    for name in ("linear_1.weight", "linear_2.bias"):
+        assert torch.equal(proj[name], shipped[f"multi_modal_projector.{name}"])
+    assert not proj["row_embed"].any() and not proj["col_embed"].any()
+    assert torch.equal(model.vision_tower.visual.conv1.weight,
+                       shipped["vision_tower.vision_model.embeddings.patch_embedding.weight"])
+    assert [drill.form({"qtype": "position", "task": t}) for t in ("position_lr", "position_tb", "position_where")] \
+        == ["left/right", "top/bottom", "where"]
