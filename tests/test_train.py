@@ -838,6 +838,7 @@ def test_recipe_variants_replay_the_shipped_steps_then_change_one_thing():
     natural = dataclasses.asdict(rv.variant_recipe("natural"))
     assert sorted(config_differences(dataclasses.asdict(shipped), natural)) == [
         "stage2.mix.absent: None -> 0.25", "stage2.mix.list: None -> 0.5", "stage2.mix.presence: None -> 0.5"]
+    assert rv.variant_recipe("natural_light").stage2.mix == {**natural["stage2"]["mix"], "absent": 0.05}
 
 
 def test_patch_cost_times_a_step_by_the_median_after_the_warm_up(tmp_path):
