@@ -139,7 +139,10 @@ def test_two_concurrent_streams_share_the_batch(stack, client):
 def test_a_client_that_leaves_mid_stream_frees_its_row(stack):
     engine = stack["engine"]
     cancelled = engine.stats["cancelled"]
-    body = {"model": "tiny", "messages": ask("Describe the picture."), "max_tokens": 1800, "stream": True}
+    # ignore_eos: the tiny model's sampled answer may end within a few tokens, before the client
+    # has read its first words, and then there is no running row to free (seen as a flaky failure)
+    body = {"model": "tiny", "messages": ask("Describe the picture."), "max_tokens": 1800, "stream": True,
+            "ignore_eos": True}
     with httpx.Client(timeout=30) as h, h.stream("POST", stack["url"] + "/v1/chat/completions", json=body) as r:
         assert r.status_code == 200
         for line in r.iter_lines():  # the role chunk, then the first words
@@ -155,7 +158,7 @@ def test_a_client_that_leaves_mid_stream_frees_its_row(stack):
 def test_a_client_that_drops_a_plain_request_frees_its_row(stack):
     engine = stack["engine"]
     cancelled = engine.stats["cancelled"]
-    body = {"model": "tiny", "messages": ask("Describe the picture."), "max_tokens": 1800}
+    body = {"model": "tiny", "messages": ask("Describe the picture."), "max_tokens": 1800, "ignore_eos": True}
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(stack["url"] + "/v1/chat/completions", json=body, timeout=httpx.Timeout(30, read=0.3))
     end = time.monotonic() + 10
