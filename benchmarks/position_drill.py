@@ -84,7 +84,7 @@ def main(argv=None) -> None:
     shipped = default_recipe().replay(json.loads((ROOT / "weights" / "training.json").read_text())).stage2
     cfg = replace(shipped, mix=dict(MIX), easy_mix=dict(MIX), curriculum=0.0, seed=args.seed,
                   loop=LoopConfig(steps=args.steps, warmup=10, ckpt_every=25))
-    result, _ = train_stage2(out, model, processor, cfg, resume=args.resume, threads=args.threads)
+    train_stage2(out, model, processor, cfg, resume=args.resume, threads=args.threads)
 
     rows: list = []
     data = DataConfig(image_size=model.cfg.vision.image_size, mix=dict(MIX))

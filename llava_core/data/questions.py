@@ -211,6 +211,12 @@ def _distinct(values) -> list[str]:
     return list(dict.fromkeys(values))  # first-seen order
 
 
+def _missing(objects: list[dict], ctx: Ask, key: str) -> list[str]:
+    """The shapes (key "shape") or colours the questions may name that the scene lacks, sorted."""
+    known = {p[0 if key == "colour" else 1] for p in ctx.mention}
+    return sorted(known - {o[key] for o in objects})
+
+
 def ask_list(rng, objects, ctx):
     """'What shapes are in the image?' -> 'triangle, star and heart': each distinct shape (or
     colour) once, in canonical (row-major) order, as captions list objects."""
@@ -223,9 +229,7 @@ def ask_presence(rng, objects, ctx):
     """'Is there a star?': a shape or a colour alone, yes by a fair coin (yes/no names a pair)."""
     yes = rng.random() < 0.5
     key = rng.choice(("shape", "colour"))
-    here = {o[key] for o in objects}
-    known = {p[0 if key == "colour" else 1] for p in ctx.mention}
-    pool = sorted(here) if yes else sorted(known - here)
+    pool = sorted({o[key] for o in objects}) if yes else _missing(objects, ctx, key)
     if not pool:
         return None
     value = rng.choice(pool)
@@ -237,8 +241,7 @@ def ask_absent(rng, objects, ctx):
     """A colour asked of a shape the image lacks, or a shape of a colour it lacks:
     'What colour is the circle?' -> 'There is no circle.'"""
     key = rng.choice(("shape", "colour"))
-    known = {p[0 if key == "colour" else 1] for p in ctx.mention}
-    pool = sorted(known - {o[key] for o in objects})
+    pool = _missing(objects, ctx, key)
     if not pool:
         return None
     value = rng.choice(pool)
