@@ -25,6 +25,7 @@ CASES = {
     "mlp2x_gelu": ("mlp2x_gelu", {}, 16),
     "mlp3x_gelu": ("mlp3x_gelu", {}, 16),
     "mlp2x_gelu_pos": ("mlp2x_gelu_pos", {}, 16),
+    "mlp2x_gelu_cols": ("mlp2x_gelu_cols", {}, 32),
     "mlp2x_gelu_full": ("mlp2x_gelu", dict(vision_feature_select_strategy="full"), 17),
     "identity": ("identity", dict(vision_feature_layer=[-2, -3]), 16),  # 2 x 32-d = the 64-d text width
     "avgpool2_mlp2x_gelu": ("avgpool2_mlp2x_gelu", {}, 4),
@@ -161,6 +162,30 @@ def test_positional_mlp_adds_a_row_and_a_column_embedding_to_each_token(base):
         config(base, "mlp2x_gelu_pos", vision_feature_select_strategy="full")
 
 
+def test_columns_projector_repeats_the_tokens_in_column_major_order(base):
+    """mlp2x_gelu_cols = mlp2x_gelu's 16 tokens (same weights), then token r*4 + c again at place
+    16 + c*4 + r; it needs the grid size and a square grid."""
+    torch.manual_seed(0)
+    cols = build_projector(ProjectorConfig(kind="mlp2x_gelu_cols"), 32, 64, n_tokens=16)
+    plain = build_projector(ProjectorConfig(kind="mlp2x_gelu"), 32, 64)
+    assert cols.state_dict().keys() == plain.state_dict().keys()  # mlp2x_gelu's checkpoints load into it
+    plain.load_state_dict(cols.state_dict())
+    with torch.no_grad():
+        x = torch.randn(2, 16, 32)  # (B, N, Dv)
+        y, want = cols(x), plain(x)  # (B, 32, 64), (B, 16, 64)
+    assert y.shape == (2, 32, 64)
+    assert torch.equal(y[:, :16], want)
+    for r in range(4):
+        for c in range(4):
+            assert torch.equal(y[:, 16 + c * 4 + r], want[:, r * 4 + c]), (r, c)
+    with pytest.raises(ConfigError, match=r"mlp2x_gelu_cols.*n_tokens"):
+        build_projector(ProjectorConfig(kind="mlp2x_gelu_cols"), 32, 64)
+    with pytest.raises(ConfigError, match=r"4x4 patch grid, got 9 tokens"):
+        cols(torch.randn(1, 9, 32))
+    with pytest.raises(ConfigError, match=r"mlp2x_gelu_cols.*CLS.*'full'"):
+        config(base, "mlp2x_gelu_cols", vision_feature_select_strategy="full")
+
+
 def test_grid_that_does_not_divide(base):
     with pytest.raises(ConfigError, match=r"avgpool3_mlp2x_gelu.*4x4.*N=16.*divide by 3"):
         config(base, "avgpool3_mlp2x_gelu")
@@ -172,7 +197,7 @@ def test_grid_that_does_not_divide(base):
 
 def test_unknown_projector_lists_the_known_names(base, tmp_path):
     with pytest.raises(ConfigError, match=r"'mlp2x_relu' is unknown; known: linear, mlpNx_gelu, "
-                                          r"mlpNx_gelu_pos, identity, avgpoolK_mlp2x_gelu, shuffleK_mlp2x_gelu, "
+                                          r"mlpNx_gelu_pos, mlpNx_gelu_cols, identity, avgpoolK_mlp2x_gelu, shuffleK_mlp2x_gelu, "
                                           r"cabstractor\[M\], ldp, resamplerQ"):
         ProjectorConfig(kind="mlp2x_relu")
     d = json.loads((base / "config.json").read_text())

@@ -30,6 +30,22 @@ def test_reorder_grid_keeps_a_cls_token_first():
     assert reorder_grid(x, 2, 3, "rows_reversed").flatten().tolist() == [0, 4, 5, 6, 1, 2, 3]
 
 
+@pytest.mark.parametrize("mode", ["none", "rows_reversed", "cols_reversed", "transposed"])
+def test_reorder_of_a_grid_and_its_column_major_twin_is_the_twin_of_the_reordered_grid(mode):
+    """mlpNx_gelu_cols emits the grid row-major and then column-major: reordering those 2P tokens
+    must equal building the two runs from the reordered grid (every token moves with its twin)."""
+    from llava_core.model.config import ProjectorConfig
+    from llava_core.model.projector import build_projector
+
+    torch.manual_seed(0)
+    cols = build_projector(ProjectorConfig(kind="mlp2x_gelu_cols"), 4, 8, n_tokens=9)
+    x = torch.randn(2, 9, 4)  # (B, 3x3 grid, Dv)
+    with torch.no_grad():
+        twice = cols(x)  # (B, 18, 8)
+        rebuilt = cols(reorder_grid(x, 3, 3, mode))
+    torch.testing.assert_close(reorder_grid(twice, 3, 3, mode), rebuilt, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("args, message", [((2, 2, "none"), "6 tokens per image"),
                                            ((2, 3, "sideways"), "mode='sideways'")])
 def test_reorder_grid_names_the_bad_argument(args, message):

@@ -839,6 +839,14 @@ def test_recipe_variants_replay_the_shipped_steps_then_change_one_thing():
     assert sorted(config_differences(dataclasses.asdict(shipped), natural)) == [
         "stage2.mix.absent: None -> 0.25", "stage2.mix.list: None -> 0.5", "stage2.mix.presence: None -> 0.5"]
     assert rv.variant_recipe("natural_light").stage2.mix == {**natural["stage2"]["mix"], "absent": 0.05}
+    long, cols = rv.variant_recipe("long_pages"), rv.variant_recipe("long_pages_cols")
+    assert [(c.loop.steps, c.loop.stop_at) for c in long.stage_configs().values()] == [(3810, 3810), (242, 210),
+                                                                                        (1080, 1080)]
+    assert sorted(config_differences(dataclasses.asdict(shipped), dataclasses.asdict(long))) == [
+        "stage0.pages: 0.0 -> 0.3", "stage2.mix.absent: None -> 0.05", "stage2.mix.document: 1.0 -> 2.0",
+        "stage2.mix.list: None -> 0.5", "stage2.mix.ocr: 1.0 -> 2.0", "stage2.mix.presence: None -> 0.5"]
+    assert config_differences(dataclasses.asdict(long), dataclasses.asdict(cols)) == [
+        "projector: 'mlp2x_gelu' -> 'mlp2x_gelu_cols'"]
 
 
 def test_patch_cost_times_a_step_by_the_median_after_the_warm_up(tmp_path):
@@ -906,6 +914,13 @@ def test_recipe_variants_from_a_run_trains_stage_2_alone(tmp_path):
     rv.start_from(run, tmp_path / "mix", "position_mix")  # a stage-2 change
     assert (tmp_path / "mix" / "train" / "stage0_visual.safetensors").read_bytes() == b"tower"
     assert (tmp_path / "mix" / "train" / "stage1_projector.safetensors").read_bytes() == b"projector"
+    # a projector with the stage-1 projector's tensors may start stage 2 from it, one with more may not
+    with pytest.raises(SystemExit, match=r"changes stage 0 or 1 of 'shipped'.*stage0.pages"):
+        rv.start_from(run, tmp_path / "cols", "long_pages_cols")  # the run was not trained with pages
+    rv.start_from(run, tmp_path / "cols", "long_pages_cols", base="long_pages")
+    assert (tmp_path / "cols" / "train" / "stage1_projector.safetensors").read_bytes() == b"projector"
+    with pytest.raises(SystemExit, match=r"projector: 'mlp2x_gelu' -> 'mlp2x_gelu_pos'"):
+        rv.start_from(run, tmp_path / "pos", "pos_projector")
 
 
 def test_position_drill_starts_from_the_shipped_tower_and_projector():

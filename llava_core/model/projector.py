@@ -14,6 +14,7 @@ out; the last two columns for ViT-L/14-336 into a 4096-d decoder (N = 576, Dv = 
 | `linear`                | N                | Dv·Dt + Dt                                 | 576   | 4.2M    | LLaVA-1 |
 | `mlp{L}x_gelu`          | N                | Dv·Dt + (L-1)·Dt² + L·Dt                   | 576   | 21.0M (L=2) | LLaVA-1.5 |
 | `mlp{L}x_gelu_pos`      | N                | mlp{L}x_gelu's + 2·√N·Dt                   | 576   | 21.2M (L=2) | LLaVA-1.5 + learned row and column embeddings |
+| `mlp{L}x_gelu_cols`     | 2N               | mlp{L}x_gelu's                             | 1152  | 21.0M (L=2) | LLaVA-1.5, its tokens again in column-major order |
 | `identity`              | N                | 0 (needs Dv == Dt)                         | -     | -       | - |
 | `avgpool{K}_mlp2x_gelu` | (√N/K)²          | Dv·Dt + Dt² + 2·Dt                         | 144   | 21.0M (K=2) | token-pooling baseline |
 | `shuffle{K}_mlp2x_gelu` | (√N/K)²          | K²·Dv·Dt + Dt² + 2·Dt                      | 144   | 33.6M (K=2) | space-to-depth (pixel shuffle), as Idefics3 and SmolVLM |
@@ -21,7 +22,7 @@ out; the last two columns for ViT-L/14-336 into a 4096-d decoder (N = 576, Dv = 
 | `ldp`                   | (√N/2)²          | Dv·Dt + 3·Dt² + 28·Dt                      | 144   | 54.6M   | MobileVLM LDP (Chu et al. 2023) |
 | `resampler{Q}`          | Q                | Q·Dv + 12·Dv² + 17·Dv + Dv·Dt + Dt² + 2·Dt | 64    | 33.6M (Q=64) | Perceiver resampler (Alayrac et al. 2022) |
 
-The grid projectors (avgpool, shuffle, cabstractor, ldp, mlpNx_gelu_pos) fold the N tokens into a
+The grid projectors (avgpool, shuffle, cabstractor, ldp, mlpNx_gelu_pos, mlpNx_gelu_cols) fold the N tokens into a
 √N x √N grid, so N must be a square (a ConfigError names N otherwise) and CLS must be gone: they refuse
 `vision_feature_select_strategy="full"` (ConfigError) rather than drop CLS behind the caller's
 back. The resampler and the per-token projectors take CLS like any other token.
@@ -35,6 +36,7 @@ read: such a checkpoint loads in llava_core only).
 
     linear, mlpNx_gelu      linear_{1..N}.{weight,bias}
     mlpNx_gelu_pos          linear_{1..N}.*, row_embed, col_embed (each (√N, Dt))
+    mlpNx_gelu_cols         linear_{1..N}.* (mlpNx_gelu's keys: its checkpoints load into either)
     identity                (none)
     avgpoolK_mlp2x_gelu     linear_{1,2}.*
     shuffleK_mlp2x_gelu     linear_{1,2}.* (linear_1 is K²·Dv wide: channels of patch (0,0), (0,1), ...)
@@ -53,7 +55,8 @@ import torch.nn.functional as F
 from .config import PROJECTORS, ConfigError, ProjectorConfig, grid_side, parse_projector, projector_tokens
 from .layers import Linear  # nn.Linear with the fp32 path for bf16 on CPUs without native bf16
 
-__all__ = ["PROJECTORS", "build_projector", "MLPProjector", "PositionalMLPProjector", "IdentityProjector",
+__all__ = ["PROJECTORS", "build_projector", "MLPProjector", "PositionalMLPProjector", "ColumnsMLPProjector",
+           "IdentityProjector",
            "AvgPoolProjector", "ShuffleProjector",
            "CAbstractor", "LDPProjector", "ResamplerProjector"]
 
@@ -123,6 +126,30 @@ class PositionalMLPProjector(MLPProjector):
         y = super().forward(x)
         where = self.row_embed[:, None, :] + self.col_embed[None, :, :]  # (s, s, Dt): [r, c] = row r + col c
         return y + where.reshape(1, self.side ** 2, -1).to(y.dtype)
+
+
+class ColumnsMLPProjector(MLPProjector):
+    """`mlp{depth}x_gelu_cols`: LLaVA-1.5's MLP, its N tokens in row-major order and then the same
+    tokens again in column-major order (2N tokens). The decoder reads a token's row from its place
+    in the row-major run (`python -m llava_core.token_order`) and never learnt to read a column from
+    content; in the column-major run a column is a block of neighbouring places, as a row is in the
+    first. No parameters of its own: mlp{depth}x_gelu's weights load into it unchanged."""
+
+    def __init__(self, kind: str, in_dim: int, out_dim: int, depth: int, n_tokens: int, bias: bool = True):
+        super().__init__(in_dim, out_dim, depth=depth, bias=bias)
+        self.kind, self.side = kind, grid_side(n_tokens, kind)
+
+    def num_tokens(self, n_patches: int) -> int:
+        return projector_tokens(self.kind, n_patches)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: (B, s*s, Dv) in row-major patch order -> (B, 2*s*s, Dt)
+        if x.shape[1] != self.side ** 2:
+            raise ConfigError(f"projector {self.kind!r} was built for a {self.side}x{self.side} patch grid, "
+                              f"got {x.shape[1]} tokens per image")
+        y = super().forward(x)  # (B, s*s, Dt)
+        by_column = y.unflatten(1, (self.side, self.side)).transpose(1, 2).flatten(1, 2)  # [c*s + r] = y[r*s + c]
+        return torch.cat([y, by_column], dim=1)
 
 
 class IdentityProjector(nn.Module):
@@ -319,6 +346,10 @@ def build_projector(cfg: ProjectorConfig, in_dim: int, out_dim: int, n_tokens: i
             raise ConfigError(f"projector {kind!r} needs the vision tokens per image (n_tokens) to size its "
                               "row and column tables")
         return PositionalMLPProjector(kind, in_dim, out_dim, depth=n, n_tokens=n_tokens, bias=cfg.bias)
+    if family == "mlpNx_gelu_cols":
+        if n_tokens is None:
+            raise ConfigError(f"projector {kind!r} needs the vision tokens per image (n_tokens) to know its grid")
+        return ColumnsMLPProjector(kind, in_dim, out_dim, depth=n, n_tokens=n_tokens, bias=cfg.bias)
     if family == "identity":
         if in_dim != out_dim:
             raise ConfigError(f"projector 'identity' needs equal widths, but the vision features are "

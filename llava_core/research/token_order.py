@@ -30,9 +30,16 @@ AXES = (("left/right", "left", "right", "col", 0), ("top/bottom", "top", "bottom
 
 def reorder_grid(x: torch.Tensor, grid_h: int, grid_w: int, mode: str) -> torch.Tensor:
     """x: (N, P, C) image tokens in row-major order, P = grid_h * grid_w, or 1 + that with a
-    leading CLS token (kept first) -> the same tokens in the order `mode` names."""
+    leading CLS token (kept first), or twice that (mlpNx_gelu_cols: the grid row-major, then
+    column-major) -> the same tokens in the order `mode` names."""
     if mode not in MODES:
         raise ValueError(f"reorder_grid: mode={mode!r}, expected one of {MODES}")
+    n = grid_h * grid_w
+    if x.shape[1] == 2 * n:
+        # the column-major run is the transposed grid in row-major order, where rows are columns
+        twin = {"rows_reversed": "cols_reversed", "cols_reversed": "rows_reversed"}.get(mode, mode)
+        return torch.cat([reorder_grid(x[:, :n], grid_h, grid_w, mode),
+                          reorder_grid(x[:, n:], grid_w, grid_h, twin)], dim=1)
     cls = x.shape[1] - grid_h * grid_w
     if cls not in (0, 1):
         raise ValueError(f"reorder_grid: {x.shape[1]} tokens per image in shape {tuple(x.shape)}, "
