@@ -186,6 +186,32 @@ def test_columns_projector_repeats_the_tokens_in_column_major_order(base):
         config(base, "mlp2x_gelu_cols", vision_feature_select_strategy="full")
 
 
+def test_columns_model_matches_transformers_given_the_same_two_runs(base, tmp_path):
+    """Oracle for a whole mlp2x_gelu_cols model: transformers' LlavaForConditionalGeneration on its
+    exported checkpoint computes the tower, the MLP (the same tensors as mlp2x_gelu) and the decoder;
+    only the column-major repeat is done here, on transformers' own projected features. Logits at
+    every place agree to 1e-4 (fp32)."""
+    from transformers import LlavaForConditionalGeneration
+
+    model = random_model(config(base, "mlp2x_gelu_cols"))
+    folder = checkpoint(base, model, tmp_path / "ckpt")
+    hf = LlavaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
+    proc = LlavaProcessor.from_pretrained(folder)
+    enc = proc(text=proc.prompt("What is in the image?"), images=image())
+    ids = enc["input_ids"]
+    with torch.no_grad():
+        ours = model(ids, enc["pixel_values"], enc["attention_mask"])  # (1, T, V)
+        feats = hf.get_image_features(pixel_values=enc["pixel_values"],
+                                      vision_feature_layer=hf.config.vision_feature_layer,
+                                      vision_feature_select_strategy="default").pooler_output[0]  # (16, Dt)
+        twice = torch.cat([feats, feats.view(4, 4, -1).transpose(0, 1).reshape(16, -1)])  # (32, Dt)
+        embeds = hf.get_input_embeddings()(ids.clamp(max=hf.config.text_config.vocab_size - 1))
+        embeds[ids == proc.cfg.image_token_index] = twice
+        theirs = hf(inputs_embeds=embeds, attention_mask=enc["attention_mask"]).logits
+    assert int((ids == proc.cfg.image_token_index).sum()) == 32
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
+
+
 def test_grid_that_does_not_divide(base):
     with pytest.raises(ConfigError, match=r"avgpool3_mlp2x_gelu.*4x4.*N=16.*divide by 3"):
         config(base, "avgpool3_mlp2x_gelu")
