@@ -215,3 +215,27 @@ MISTRAL_TEMPLATE = (
     "{% elif message['role'] == 'assistant' %}{{ ' ' + message['content'][0]['text'] + '</s>' }}{% endif %}"
     "{% endfor %}"
 )
+
+
+def transformers_embeds(hf, input_ids: torch.Tensor, pixel_values: torch.Tensor, image_token_index: int,
+                        projector: str = "mlp2x_gelu") -> torch.Tensor:
+    """The input embeddings transformers' LlavaForConditionalGeneration `hf` would build for one
+    prompt, with its own tower and MLP's image features in the image tokens' places; for
+    `mlp2x_gelu_cols` (MLP tensors as mlp2x_gelu's, which transformers loads) the features
+    follow again in column-major order. The oracle for models transformers cannot run whole.
+    input_ids (1, T), pixel_values (1, 3, H, W) -> (1, T, D)."""
+    feats = hf.get_image_features(pixel_values=pixel_values, vision_feature_layer=hf.config.vision_feature_layer,
+                                  vision_feature_select_strategy=hf.config.vision_feature_select_strategy)
+    feats = feats.pooler_output[0]  # (N, D)
+    if projector == "mlp2x_gelu_cols":
+        side = round(feats.shape[0] ** 0.5)
+        feats = torch.cat([feats, feats.view(side, side, -1).transpose(0, 1).reshape(side * side, -1)])
+    elif projector != "mlp2x_gelu":
+        raise ValueError(f"transformers_embeds: projector {projector!r}: transformers has no counterpart")
+    image = input_ids == image_token_index
+    embeds = hf.get_input_embeddings()(input_ids.masked_fill(image, 0))  # (1, T, D)
+    if int(image.sum()) != feats.shape[0]:
+        raise ValueError(f"transformers_embeds: {int(image.sum())} image tokens in input_ids, "
+                         f"{feats.shape[0]} image features")
+    embeds[image] = feats.to(embeds.dtype)
+    return embeds

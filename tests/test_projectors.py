@@ -17,7 +17,7 @@ from llava_core.model.config import ConfigError, LlavaConfig, ProjectorConfig, p
 from llava_core.model.llava import LlavaModel
 from llava_core.model.processor import LlavaProcessor
 from llava_core.model.projector import PROJECTORS, build_projector
-from llava_core.testing import make_tiny_checkpoint
+from llava_core.testing import make_tiny_checkpoint, transformers_embeds
 
 # kind, config overrides -> tokens per image (16 patches, 4x4; vision 32-d, text 64-d)
 CASES = {
@@ -201,12 +201,7 @@ def test_columns_model_matches_transformers_given_the_same_two_runs(base, tmp_pa
     ids = enc["input_ids"]
     with torch.no_grad():
         ours = model(ids, enc["pixel_values"], enc["attention_mask"])  # (1, T, V)
-        feats = hf.get_image_features(pixel_values=enc["pixel_values"],
-                                      vision_feature_layer=hf.config.vision_feature_layer,
-                                      vision_feature_select_strategy="default").pooler_output[0]  # (16, Dt)
-        twice = torch.cat([feats, feats.view(4, 4, -1).transpose(0, 1).reshape(16, -1)])  # (32, Dt)
-        embeds = hf.get_input_embeddings()(ids.clamp(max=hf.config.text_config.vocab_size - 1))
-        embeds[ids == proc.cfg.image_token_index] = twice
+        embeds = transformers_embeds(hf, ids, enc["pixel_values"], proc.cfg.image_token_index, "mlp2x_gelu_cols")
         theirs = hf(inputs_embeds=embeds, attention_mask=enc["attention_mask"]).logits
     assert int((ids == proc.cfg.image_token_index).sum()) == 32
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)

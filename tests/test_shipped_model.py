@@ -54,13 +54,18 @@ def test_regression_guard_on_60_test_questions(shipped):
 
 
 def test_exported_default_answers_the_same_in_transformers(shipped, tmp_path):
+    """transformers' greedy answers on the exported checkpoint equal ours. A projector transformers
+    cannot run whole (mlp2x_gelu_cols) is given its image features through `inputs_embeds`, built
+    from transformers' own tower and MLP (llava_core.testing.transformers_embeds)."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     from llava_core.data import DataConfig, make_sample
     from llava_core.default.cache import export_model
     from llava_core.eval import answer_batch, sample_conversation
+    from llava_core.testing import transformers_embeds
 
     folder, ours, proc = shipped
+    kind = ours.cfg.projector.kind
     dst = export_model("default", tmp_path / "exported")
     hf = LlavaForConditionalGeneration.from_pretrained(dst, dtype=torch.float32).eval()
     hf_proc = AutoProcessor.from_pretrained(dst)
@@ -69,7 +74,15 @@ def test_exported_default_answers_the_same_in_transformers(shipped, tmp_path):
     answers = answer_batch(ours, proc, convs, [[s["image"]] for s in samples], max_new_tokens=12)
     for conv, s, answer in zip(convs, samples, answers):
         text = hf_proc.apply_chat_template(conv, add_generation_prompt=True)
-        enc = hf_proc(images=[s["image"]], text=[text], return_tensors="pt")
-        out = hf.generate(**enc, max_new_tokens=12, do_sample=False)
-        theirs = hf_proc.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+        if kind == "mlp2x_gelu":  # transformers' whole pipeline, its processor included
+            enc = hf_proc(images=[s["image"]], text=[text], return_tensors="pt")
+            out = hf.generate(**enc, max_new_tokens=12, do_sample=False)[0, enc["input_ids"].shape[1]:]
+        else:
+            enc = proc(text=text, images=[s["image"]])
+            with torch.no_grad():
+                embeds = transformers_embeds(hf, enc["input_ids"], enc["pixel_values"], proc.cfg.image_token_index,
+                                             kind)
+            out = hf.generate(inputs_embeds=embeds, attention_mask=enc["attention_mask"], max_new_tokens=12,
+                              do_sample=False)[0]  # from inputs_embeds: the new tokens only
+        theirs = hf_proc.decode(out, skip_special_tokens=True).strip()
         assert theirs == answer, conv[0]
