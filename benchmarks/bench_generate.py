@@ -190,16 +190,25 @@ class _Clock:
 
 def run_hf(hf, processor, question, image, new_tokens, device) -> tuple[float, float]:
     """One transformers `generate`, timed per token through a streamer: (TTFT = start -> first
-    new token, decode = tokens after the first / time between the first and the last)."""
+    new token, decode = tokens after the first / time between the first and the last). A
+    projector transformers cannot run whole (mlp2x_gelu_cols) gets its image features from
+    transformers' own tower and MLP through `inputs_embeds`, inside the timed span."""
+    from llava_core.testing import transformers_embeds
+
     enc = processor(text=[processor.prompt(question)], images=[image])
-    kw = dict(input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device),
-              pixel_values=enc["pixel_values"].to(device, hf.dtype), do_sample=False, pad_token_id=0,
+    ids, pixels = enc["input_ids"].to(device), enc["pixel_values"].to(device, hf.dtype)
+    kw = dict(attention_mask=enc["attention_mask"].to(device), do_sample=False, pad_token_id=0,
               max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+    kind = processor.cfg.projector.kind
     with torch.inference_mode():
         clock = _Clock(device)
         sync(device)
         t0 = time.perf_counter()
-        hf.generate(**kw, streamer=clock)
+        if kind == "mlp2x_gelu":
+            hf.generate(input_ids=ids, pixel_values=pixels, **kw, streamer=clock)
+        else:
+            embeds = transformers_embeds(hf, ids, pixels, processor.cfg.image_token_index, kind)
+            hf.generate(inputs_embeds=embeds, **kw, streamer=clock)
     return clock.times[0] - t0, (len(clock.times) - 1) / (clock.times[-1] - clock.times[0])
 
 
