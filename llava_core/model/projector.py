@@ -103,17 +103,13 @@ class MLPProjector(nn.Module):
         return x
 
 
-class PositionalMLPProjector(MLPProjector):
-    """`mlp{depth}x_gelu_pos`: LLaVA-1.5's MLP, then a learned embedding of each token's row plus one
-    of its column, added to its output. Rotary positions tell the decoder a token's place in the
-    sequence, from which a row is easy to read and a column is not; this puts both in the
-    token's content. Both tables start at zero, so at initialisation it is `mlp{depth}x_gelu`."""
+class GridMLPProjector(MLPProjector):
+    """An `mlp{depth}x_gelu` that knows its square patch grid (side s): the base of the projectors
+    that add something by row and column. forward checks the grid and runs the MLP."""
 
     def __init__(self, kind: str, in_dim: int, out_dim: int, depth: int, n_tokens: int, bias: bool = True):
         super().__init__(in_dim, out_dim, depth=depth, bias=bias)
         self.kind, self.side = kind, grid_side(n_tokens, kind)
-        self.row_embed = nn.Parameter(torch.zeros(self.side, out_dim))  # (s, Dt)
-        self.col_embed = nn.Parameter(torch.zeros(self.side, out_dim))  # (s, Dt)
 
     def num_tokens(self, n_patches: int) -> int:
         return projector_tokens(self.kind, n_patches)
@@ -123,33 +119,37 @@ class PositionalMLPProjector(MLPProjector):
         if x.shape[1] != self.side ** 2:
             raise ConfigError(f"projector {self.kind!r} was built for a {self.side}x{self.side} patch grid, "
                               f"got {x.shape[1]} tokens per image")
-        y = super().forward(x)
+        return super().forward(x)
+
+
+class PositionalMLPProjector(GridMLPProjector):
+    """`mlp{depth}x_gelu_pos`: LLaVA-1.5's MLP, then a learned embedding of each token's row plus one
+    of its column, added to its output. Rotary positions tell the decoder a token's place in the
+    sequence, from which a row is easy to read and a column is not; this puts both in the
+    token's content. Both tables start at zero, so at initialisation it is `mlp{depth}x_gelu`."""
+
+    def __init__(self, kind: str, in_dim: int, out_dim: int, depth: int, n_tokens: int, bias: bool = True):
+        super().__init__(kind, in_dim, out_dim, depth=depth, n_tokens=n_tokens, bias=bias)
+        self.row_embed = nn.Parameter(torch.zeros(self.side, out_dim))  # (s, Dt)
+        self.col_embed = nn.Parameter(torch.zeros(self.side, out_dim))  # (s, Dt)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = super().forward(x)  # (B, s*s, Dt)
         where = self.row_embed[:, None, :] + self.col_embed[None, :, :]  # (s, s, Dt): [r, c] = row r + col c
         return y + where.reshape(1, self.side ** 2, -1).to(y.dtype)
 
 
-class ColumnsMLPProjector(MLPProjector):
+class ColumnsMLPProjector(GridMLPProjector):
     """`mlp{depth}x_gelu_cols`: LLaVA-1.5's MLP, its N tokens in row-major order and then the same
     tokens again in column-major order (2N tokens). The decoder reads a token's row from its place
     in the row-major run (`python -m llava_core.token_order`) and never learnt to read a column from
     content; in the column-major run a column is a block of neighbouring places, as a row is in the
     first. No parameters of its own: mlp{depth}x_gelu's weights load into it unchanged."""
 
-    def __init__(self, kind: str, in_dim: int, out_dim: int, depth: int, n_tokens: int, bias: bool = True):
-        super().__init__(in_dim, out_dim, depth=depth, bias=bias)
-        self.kind, self.side = kind, grid_side(n_tokens, kind)
-
-    def num_tokens(self, n_patches: int) -> int:
-        return projector_tokens(self.kind, n_patches)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: (B, s*s, Dv) in row-major patch order -> (B, 2*s*s, Dt)
-        if x.shape[1] != self.side ** 2:
-            raise ConfigError(f"projector {self.kind!r} was built for a {self.side}x{self.side} patch grid, "
-                              f"got {x.shape[1]} tokens per image")
         y = super().forward(x)  # (B, s*s, Dt)
         by_column = y.unflatten(1, (self.side, self.side)).transpose(1, 2).flatten(1, 2)  # [c*s + r] = y[r*s + c]
-        return torch.cat([y, by_column], dim=1)
+        return torch.cat([y, by_column], dim=1)  # (B, 2*s*s, Dt)
 
 
 class IdentityProjector(nn.Module):
