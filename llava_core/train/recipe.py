@@ -71,8 +71,9 @@ class Recipe:
     # (seventh) run's stage times on this project's CPU machine when nothing else runs (stage 0
     # 3,810 steps in 2,656 s, stage 1 210 in 366 s, stage 2 1,080 in an estimated 2,400 s:
     # benchmarks/default_model.md, "The long recipe"). Stage 0 gets half: the tower is what could
-    # not read or place things, and three times its steps raised its per-patch character
-    # accuracy on ink from 60% to 79% and the model's right answers from 335 to 393 of 569.
+    # not read or place things; three times its steps (with pages) took its per-patch character
+    # accuracy on inked patches of its training batches from 60% to 79% (those batches now hold
+    # pages, the sixth weights' did not) and the model's right answers from 335 to 393 of 569.
     budget_minutes: float | None = 95.0
     shares: tuple[float, float, float] = (0.49, 0.07, 0.44)
     reserve_minutes: float = 4.0  # model load, probes, evaluation, saving
