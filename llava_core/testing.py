@@ -228,8 +228,10 @@ def transformers_embeds(hf, input_ids: torch.Tensor, pixel_values: torch.Tensor,
                                   vision_feature_select_strategy=hf.config.vision_feature_select_strategy)
     feats = feats.pooler_output[0]  # (N, D)
     if projector == "mlp2x_gelu_cols":
+        from .research.token_order import reorder_grid
+
         side = round(feats.shape[0] ** 0.5)
-        feats = torch.cat([feats, feats.view(side, side, -1).transpose(0, 1).reshape(side * side, -1)])
+        feats = torch.cat([feats, reorder_grid(feats[None], side, side, "transposed")[0]])  # (2N, D)
     elif projector != "mlp2x_gelu":
         raise ValueError(f"transformers_embeds: projector {projector!r}: transformers has no counterpart")
     image = input_ids == image_token_index

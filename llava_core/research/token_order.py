@@ -40,10 +40,10 @@ def reorder_grid(x: torch.Tensor, grid_h: int, grid_w: int, mode: str) -> torch.
         twin = {"rows_reversed": "cols_reversed", "cols_reversed": "rows_reversed"}.get(mode, mode)
         return torch.cat([reorder_grid(x[:, :n], grid_h, grid_w, mode),
                           reorder_grid(x[:, n:], grid_w, grid_h, twin)], dim=1)
-    cls = x.shape[1] - grid_h * grid_w
+    cls = x.shape[1] - n
     if cls not in (0, 1):
         raise ValueError(f"reorder_grid: {x.shape[1]} tokens per image in shape {tuple(x.shape)}, "
-                         f"expected a {grid_h}x{grid_w} grid ({grid_h * grid_w}), CLS optional")
+                         f"expected a {grid_h}x{grid_w} grid ({n}), CLS optional")
     g = x[:, cls:].reshape(x.shape[0], grid_h, grid_w, x.shape[2])  # (N, H, W, C)
     if mode == "rows_reversed":
         g = g.flip(1)
@@ -51,7 +51,7 @@ def reorder_grid(x: torch.Tensor, grid_h: int, grid_w: int, mode: str) -> torch.
         g = g.flip(2)
     elif mode == "transposed":  # column-major: a column becomes a run of neighbouring places
         g = g.transpose(1, 2)
-    return torch.cat([x[:, :cls], g.reshape(x.shape[0], grid_h * grid_w, x.shape[2])], dim=1)
+    return torch.cat([x[:, :cls], g.reshape(x.shape[0], n, x.shape[2])], dim=1)
 
 
 @contextlib.contextmanager
