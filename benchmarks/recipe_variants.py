@@ -16,8 +16,8 @@ applies the variant's change, trains into OUT/NAME (`run_recipe`), and scores th
 and predictions.jsonl. `table` prints each variant's overall and per-type test accuracy and
 its right answers over test, held-out and shifted.
 
-`--from RUN` trains stage 2 alone, from RUN/train's stage-0 tower and stage-1 projector (a
-finished run's), into OUT/NAME_from-RUN: `--steps-scale` and `--seed` then apply to stage 2
+`--from RUN` trains stages 2 and 3 alone, from RUN/train's stage-0 tower and stage-1 projector (a
+finished run's), into OUT/NAME_from-RUN: `--steps-scale` and `--seed` then apply to stages 2-3
 only. The tower and projector are then the same in every arm, so arms differ less than full
 trainings do; a variant that changes stage 0 or 1 is refused there.
 
@@ -171,6 +171,17 @@ def long_pages_cols(r) -> None:
     r.projector = "mlp2x_gelu_cols"
 
 
+def reading_frozen_tower(r) -> None:
+    """Stage 3 (reading) with the tower frozen, as LLaVA keeps it: only the projector and LoRA
+    learn to read (the eighth weights' stage 3 also trains the tower's last block)."""
+    r.stage3.train_tower_blocks = 0
+
+
+def no_reading(r) -> None:
+    """No stage 3: the seventh weights' recipe."""
+    r.stage3 = None
+
+
 VARIANTS = {"shipped": lambda r: None, "content_route": content_route, "position_heads": position_heads,
             "position_mix": position_mix, "mirror_twins": mirror_twins, "reading_light": reading_light,
             "lora_r16": lora_r16, "pos_projector": pos_projector,
@@ -178,7 +189,8 @@ VARIANTS = {"shipped": lambda r: None, "content_route": content_route, "position
             "reader_patch16_shuffle": reader_patch16_shuffle, "reader_patch16": reader_patch16, "pages": pages,
             "pages_reading_mix": pages_reading_mix, "natural": natural,
             "natural_light": natural_light, "long_pages": long_pages,
-            "long_pages_cols": long_pages_cols}
+            "long_pages_cols": long_pages_cols, "reading_frozen_tower": reading_frozen_tower,
+            "no_reading": no_reading}
 
 
 def variant_recipe(name: str, steps_scale: float = 1.0, seed: int | None = None):
@@ -203,16 +215,16 @@ STAGE2_INPUTS = ("stage0_visual.safetensors", "stage1_projector.safetensors")
 
 
 def start_from(run: Path, out: Path, name: str, base: str = "shipped") -> None:
-    """Put RUN's stage-0 tower and stage-1 projector where run_recipe(out, stages=(2,)) reads
+    """Put RUN's stage-0 tower and stage-1 projector where run_recipe(out, stages=(2, 3)) reads
     them; refuse a variant that differs from `base` (the variant RUN was trained with) anywhere
-    but in stage 2 (its tower, projector or stages 0-1 would not be what RUN trained), except a
+    but in stages 2-3 (its tower, projector or stages 0-1 would not be what RUN trained), except a
     projector kind whose parameters are the base's (mlp2x_gelu -> mlp2x_gelu_cols)."""
     from llava_core.train.common import config_differences
     from llava_core.train.recipe import _jsonable
 
     was, now = variant_recipe(base), variant_recipe(name)
     differ = [d for d in config_differences(_jsonable(asdict(was)), _jsonable(asdict(now)))
-              if not d.startswith("stage2.") and not (d.startswith("projector:") and same_projector_parameters(was, now))]
+              if not d.startswith(("stage2.", "stage3")) and not (d.startswith("projector:") and same_projector_parameters(was, now))]
     if differ:
         raise SystemExit(f"--from: variant {name!r} changes stage 0 or 1 of {base!r}, which --from does not run "
                          f"({'; '.join(differ)})")
@@ -248,7 +260,7 @@ def run(args) -> None:
     stages = STAGES
     if args.start is not None:
         start_from(args.start, out, args.name, args.from_variant)
-        stages = (2,)
+        stages = (2, 3)
     summary = run_recipe(out, recipe, stages=stages, device=args.device, workers=args.workers, resume=args.resume)
     print(f"{out.name}: trained in {summary['elapsed_s']:.0f} s on {summary['device']}", flush=True)
     subprocess.run([sys.executable, "-m", "llava_core.cli.main", "eval", str(out / "parts"), "--suite", "synthetic",
@@ -354,7 +366,7 @@ def main() -> None:
     r.add_argument("--steps-scale", type=float, default=1.0, help="times the shipped run's steps in every stage")
     r.add_argument("--seed", type=int, help="every stage's seed (default: the shipped run's, 0)")
     r.add_argument("--from", dest="start", type=Path, metavar="RUN",
-                   help="train stage 2 alone, from RUN/train's stage-0 tower and stage-1 projector")
+                   help="train stages 2-3 alone, from RUN/train's stage-0 tower and stage-1 projector")
     r.add_argument("--from-variant", default="shipped", metavar="NAME",
                    help="the variant RUN was trained with (default: shipped)")
     r.add_argument("-n", type=int, default=200, help="questions per split")

@@ -5,6 +5,7 @@ import argparse
 import copy
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -204,9 +205,13 @@ def test_lr_schedule():
 
 
 def test_budget_split_over_the_stages_run():
-    r = Recipe(budget_minutes=64, reserve_minutes=4, shares=(1, 1, 2))
-    assert r.stage_budgets() == {0: 900, 1: 900, 2: 1800}
-    assert r.stage_budgets((1, 2)) == {0: None, 1: 1200, 2: 2400}
+    r = Recipe(budget_minutes=64, reserve_minutes=4, shares=(1, 1, 1, 1))
+    assert r.stage_budgets() == {0: 900, 1: 900, 2: 900, 3: 900}
+    assert r.stage_budgets((1, 2)) == {0: None, 1: 1800, 2: 1800, 3: None}
+    no_reading = Recipe(budget_minutes=64, reserve_minutes=4, shares=(1, 1, 2, 4), stage3=None)
+    assert no_reading.stage_budgets() == {0: 900, 1: 900, 2: 1800, 3: None}  # a stage it lacks gets nothing
+    with pytest.raises(ValueError, match="one share per stage"):
+        Recipe(shares=(1, 1, 2)).stage_budgets()
 
 
 def test_quick_recipe_is_the_default_in_a_shorter_time():
@@ -217,16 +222,16 @@ def test_quick_recipe_is_the_default_in_a_shorter_time():
     quick, default = RECIPES["quick"](), RECIPES["default"]()
     assert quick.budget_minutes <= 30 and sum(quick.stage_budgets().values()) <= (30 - quick.reserve_minutes) * 60
     assert sorted(config_differences(dataclasses.asdict(default), dataclasses.asdict(quick))) == [
-        "budget_minutes: 95.0 -> 28.0", "name: 'default' -> 'quick'", "probe: True -> False"]
+        "budget_minutes: 123.0 -> 28.0", "name: 'default' -> 'quick'", "probe: True -> False"]
 
 
 def test_replay_sets_the_recorded_steps_and_refuses_other_settings():
     recorded = Recipe()
     summary = {"recipe": json.loads(json.dumps(dataclasses.asdict(recorded), default=str)),
                "stages": {"0": {"steps": 605, "planned_steps": 903}, "1": {"steps": 52, "planned_steps": 52},
-                          "2": {"steps": 289, "planned_steps": 289}}}
+                          "2": {"steps": 289, "planned_steps": 289}, "3": {"steps": 100, "planned_steps": 100}}}
     r = Recipe().replay(summary)
-    assert r.budget_minutes is None and r.stage_budgets() == {0: None, 1: None, 2: None}
+    assert r.budget_minutes is None and r.stage_budgets() == {0: None, 1: None, 2: None, 3: None}
     assert (r.stage0.loop.steps, r.stage0.loop.stop_at, r.stage0.loop.budget_s) == (903, 605, None)
     assert (r.stage2.loop.steps, r.stage2.loop.stop_at) == (289, 289)
     other = Recipe()
@@ -234,7 +239,7 @@ def test_replay_sets_the_recorded_steps_and_refuses_other_settings():
     with pytest.raises(ValueError, match="lora_r: 8 -> 4"):
         other.replay(summary)
     # a run made under another budget or split replays: a replay pins the steps the budget set
-    rebudgeted = Recipe(budget_minutes=30.0, shares=(0.2, 0.2, 0.6), reserve_minutes=1.0)
+    rebudgeted = Recipe(budget_minutes=30.0, shares=(0.2, 0.2, 0.3, 0.3), reserve_minutes=1.0)
     assert (rebudgeted.replay(summary).stage2.loop.steps, rebudgeted.budget_minutes) == (289, None)
     assert Recipe(threads=1).replay(summary).threads == 1  # and one run on other threads
     del summary["recipe"]["stage0"]["aux_position"]  # a record made before the setting existed ...
@@ -538,7 +543,7 @@ def test_train_command_seed_reaches_every_stage(tmp_path, monkeypatch):
     monkeypatch.setattr(recipe_mod, "run_recipe", lambda out, r, **kw: seen.update(recipe=r) or {"elapsed_s": 0})
     train_cli.main(["--out", str(tmp_path), "--seed", "3"])
     r = seen["recipe"]
-    assert r.seed == 3 and [c.seed for c in r.stage_configs().values()] == [3, 3, 3]
+    assert r.seed == 3 and [c.seed for c in r.stage_configs().values()] == [3, 3, 3, 3]
     with pytest.raises(ValueError, match="seed"):  # a replay repeats the recorded seeds
         train_cli.main(["--out", str(tmp_path), "--seed", "3", "--replay",
                         str(Path(__file__).parents[1] / "weights" / "training.json")])
@@ -744,7 +749,8 @@ def test_ddp_ranks_agree_on_the_plan_and_the_budget_stop(tmp_path):
 
 def test_run_recipe_writes_every_stage_and_the_parts(tmp_path, processor):
     recipe = Recipe(vision=VISION, budget_minutes=None, probe=False, eval_samples=4, threads=1,
-                    stage0=stage0_cfg(3), stage1=s1(3), stage2=dataclasses.replace(s2(3), autocast="auto"))
+                    stage0=stage0_cfg(3), stage1=s1(3), stage2=dataclasses.replace(s2(3), autocast="auto"),
+                    stage3=dataclasses.replace(s2(2), mix={"ocr": 1.0}, offset=30_000_000))
     saved = {}
 
     def save(model, folder, lora, lora_cfg, extra_files):
@@ -752,20 +758,34 @@ def test_run_recipe_writes_every_stage_and_the_parts(tmp_path, processor):
 
     kw = dict(build_model=lambda r: tiny_model(processor), make_processor=lambda cfg: processor, save=save)
     summary = run_recipe(tmp_path, recipe, **kw)
-    for s in (0, 1, 2):
+    for s, steps in ((0, 3), (1, 3), (2, 3), (3, 2)):
         for ext in ("jsonl", "png", "ckpt"):
             assert (tmp_path / "train" / f"stage{s}.{ext}").is_file()
-        assert summary["stages"][str(s)]["steps"] == summary["stages"][str(s)]["planned_steps"] == 3
-    assert "validation" not in summary and "overall" in summary["stages"]["2"]["eval"]
+        assert summary["stages"][str(s)]["steps"] == summary["stages"][str(s)]["planned_steps"] == steps
+    # the evaluation follows the last stage; stage 3 went on from stage 2's adapters
+    assert "validation" not in summary and "overall" in summary["stages"]["3"]["eval"]
+    assert "eval" not in summary["stages"]["2"]
     assert saved["folder"] == tmp_path / "parts" and saved["r"] == 4
     assert any("lora_B" in k for k in saved["lora"])
+    after_both = {k: v.clone() for k, v in saved["lora"].items()}
     written = json.loads((tmp_path / "train" / "summary.json").read_text())
     assert written["stages"]["1"]["steps"] == 3
     assert written["recipe"]["stage2"]["autocast"] == ("bfloat16" if cpu_has_fast_bf16() else None)
+    # stage 3 alone starts from stage 2's output in the folder and trains to the same adapters
+    (tmp_path / "train" / "stage3.ckpt").unlink()
+    run_recipe(tmp_path, recipe, stages=(3,), **kw)
+    assert after_both.keys() == saved["lora"].keys()
+    for k, v in after_both.items():
+        torch.testing.assert_close(saved["lora"][k], v, rtol=0, atol=1e-6, msg=k)
     # stage 2 alone picks up the outputs of stages 0 and 1 from the folder
     run_recipe(tmp_path, recipe, stages=(2,), **kw)
     with pytest.raises(FileNotFoundError, match="stage 0"):
         run_recipe(tmp_path / "empty", recipe, stages=(2,), **kw)
+    (tmp_path / "no2" / "train").mkdir(parents=True)  # stages 0 and 1 done, stage 2 not
+    for f in ("stage0_visual.safetensors", "stage1_projector.safetensors"):
+        shutil.copyfile(tmp_path / "train" / f, tmp_path / "no2" / "train" / f)
+    with pytest.raises(FileNotFoundError, match="stage 2"):
+        run_recipe(tmp_path / "no2", recipe, stages=(3,), **kw)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -774,7 +794,8 @@ def test_run_recipe_on_cuda_trains_there_and_saves_from_the_cpu(tmp_path, proces
     as on the CPU (same weights, same batch; 1e-3 relative allows TF32 convolutions), "auto"
     autocast becomes bf16, every stage runs its steps, and the parts reach `save` on the CPU."""
     recipe = Recipe(vision=VISION, budget_minutes=None, probe=False, eval_samples=4, threads=1,
-                    stage0=stage0_cfg(4), stage1=s1(3), stage2=dataclasses.replace(s2(3), autocast="auto"))
+                    stage0=stage0_cfg(4), stage1=s1(3), stage2=dataclasses.replace(s2(3), autocast="auto"),
+                    stage3=None)
     saved = {}
 
     def save(model, folder, lora, lora_cfg, extra_files):
@@ -807,12 +828,12 @@ def test_recipe_variants_replay_the_shipped_steps_then_change_one_thing():
     rv = _benchmark("recipe_variants")
     shipped, route = rv.variant_recipe("shipped"), rv.variant_recipe("content_route", steps_scale=0.5, seed=2)
     assert [(c.loop.steps, c.loop.stop_at) for c in shipped.stage_configs().values()] == [(3810, 3810), (242, 210),
-                                                                                           (1080, 1080)]
+                                                                                           (1080, 1080), (800, 800)]
     assert [(c.loop.steps, c.loop.stop_at) for c in route.stage_configs().values()] == [(1905, 1905), (121, 105),
-                                                                                         (540, 540)]
+                                                                                         (540, 540), (400, 400)]
     assert not shipped.stage0.aux_position and route.stage0.aux_position
     assert (shipped.stage2.mix["position"], route.stage2.mix["position"]) == (1.0, 2.0)
-    assert shipped.seed == 0 and [c.seed for c in route.stage_configs().values()] == [2, 2, 2]
+    assert shipped.seed == 0 and [c.seed for c in route.stage_configs().values()] == [2, 2, 2, 2]
     twins = rv.variant_recipe("mirror_twins")
     assert twins.stage2.mirror_twins and not shipped.stage2.mirror_twins
     assert config_differences(dataclasses.asdict(shipped), dataclasses.asdict(twins)) == [
@@ -840,10 +861,15 @@ def test_recipe_variants_replay_the_shipped_steps_then_change_one_thing():
     assert rv.variant_recipe("natural_light").stage2.mix == {**natural["stage2"]["mix"], "absent": 0.05}
     long, cols = rv.variant_recipe("long_pages"), rv.variant_recipe("long_pages_cols")
     assert [(c.loop.steps, c.loop.stop_at) for c in long.stage_configs().values()] == [(3810, 3810), (242, 210),
-                                                                                        (1080, 1080)]
+                                                                                        (1080, 1080), (800, 800)]
     assert config_differences(dataclasses.asdict(shipped), dataclasses.asdict(long)) == []
     assert config_differences(dataclasses.asdict(long), dataclasses.asdict(cols)) == [
         "projector: 'mlp2x_gelu' -> 'mlp2x_gelu_cols'"]
+    # the eighth weights' stage 3, without the tower block, and the seventh weights' recipe (none)
+    frozen, seventh = rv.variant_recipe("reading_frozen_tower"), rv.variant_recipe("no_reading")
+    assert config_differences(dataclasses.asdict(shipped), dataclasses.asdict(frozen)) == [
+        "stage3.train_tower_blocks: 1 -> 0"]
+    assert seventh.stage3 is None and list(seventh.stage_configs()) == [0, 1, 2]
 
 
 def test_patch_cost_times_a_step_by_the_median_after_the_warm_up(tmp_path):

@@ -22,20 +22,20 @@ log = logging.getLogger(__name__)
 
 def add_train(sub) -> None:
     # Listed for --help only: main() hands `train ...` to this file's own parser (main below).
-    sub.add_parser("train", help="run LLaVA's training recipe for the default model (stages 0-2)")
+    sub.add_parser("train", help="run LLaVA's training recipe for the default model (stages 0-3)")
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipe", default="default", choices=sorted(recipes.RECIPES))
     p.add_argument("--out", required=True, help="folder for logs, checkpoints and the trained parts")
     p.add_argument("--budget-minutes", type=float, help="wall-clock budget of the whole run")
-    p.add_argument("--stage", default="all", choices=["0", "1", "2", "all"])
+    p.add_argument("--stage", default="all", choices=["0", "1", "2", "3", "all"])
     p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
     p.add_argument("--threads", type=int, help="torch threads (default 2)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun each process takes GPU LOCAL_RANK)")
     p.add_argument("--workers", type=int, default=0,
                    help="processes drawing stage 0's batches ahead (0: in the training process; ~8 on a GPU)")
-    p.add_argument("--eval-samples", type=int, help="validation questions answered after stage 2")
+    p.add_argument("--eval-samples", type=int, help="validation questions answered after the last stage")
     p.add_argument("--seed", type=int, help="seed of the whole run: initial values and data of every stage")
     p.add_argument("--replay", metavar="JSON", help="run the steps a finished run recorded (weights/training.json "
                    "or train/summary.json) instead of a time budget: reproduces that run's model")

@@ -2,7 +2,8 @@
 
     stage0_clip.py      CLIP stand-in: contrastive + auxiliary pretraining of the vision tower
     stage1_align.py     feature alignment: the projector alone (tower and decoder frozen)
-    stage2_instruct.py  visual instruction tuning: projector + LoRA (peft) on the decoder
+    stage2_instruct.py  visual instruction tuning: projector + LoRA (peft) on the decoder; the
+                        recipe's stage 3 (reading) runs it again on a mix of words and documents
     recipe.py           the default recipe as dataclasses; run_recipe (options: cli/train.py)
     common.py           loop, schedule, JSONL metrics, atomic checkpoints, resume, PNG curves
     dist.py             device (cpu/cuda), torchrun process group, DDP, batches drawn ahead
@@ -10,9 +11,9 @@
     tower_probe.py      linear probes of a vision tower
 
     from llava_core.train import run_recipe, default_recipe
-    run_recipe("runs/r1", default_recipe())        # stages 0-2, parts in runs/r1/parts
+    run_recipe("runs/r1", default_recipe())        # stages 0-3, parts in runs/r1/parts
 
-    python -m llava_core.train --out runs/r1 [--budget-minutes 58] [--stage all] [--resume]
+    python -m llava_core.train --out runs/r1 [--budget-minutes 125] [--stage all] [--resume]
 
 Under `torchrun --nproc_per_node N -m llava_core.train --out DIR` each stage wraps its
 trainable module in DistributedDataParallel (gloo; nccl with --device cuda) and reads its

@@ -132,11 +132,12 @@ def tower_params(model, blocks: int) -> list[nn.Parameter]:
 
 
 def train_stage2(out_dir: str | Path, model, processor, cfg: Stage2Config, resume: bool = False,
-                 dist: Dist | None = None, threads: int | None = 2):
-    """Add LoRA to `model.language_model` and train it with the projector, in place.
+                 dist: Dist | None = None, threads: int | None = 2, name: str = "stage2"):
+    """Add LoRA to `model.language_model` (unless it has adapters already: then they train on)
+    and train it with the projector, in place.
 
     Trains on `dist.device` (the model is moved there). Returns (LoopResult, peft LoraConfig).
-    Writes stage2.{jsonl,png,ckpt} under out_dir."""
+    Writes {name}.{jsonl,png,ckpt} under out_dir (the recipe's reading phase: "stage3")."""
     dist = dist or init_distributed()
     setup_torch(threads, cfg.seed)
     model.to(dist.device)
@@ -183,12 +184,12 @@ def train_stage2(out_dir: str | Path, model, processor, cfg: Stage2Config, resum
     def load_state(s):
         missing = set(trained) - set(s)
         if missing:
-            raise ValueError(f"stage-2 checkpoint lacks {sorted(missing)[:5]}")
+            raise ValueError(f"{name} checkpoint lacks {sorted(missing)[:5]}")
         out = model.load_state_dict(s, strict=False)  # a subset by design: what this stage trains
         if out.unexpected_keys:
-            raise ValueError(f"stage-2 checkpoint holds tensors the model lacks: {out.unexpected_keys[:5]}")
+            raise ValueError(f"{name} checkpoint holds tensors the model lacks: {out.unexpected_keys[:5]}")
 
-    result = train_loop("stage2", out_dir, cfg.loop, step_fn, opt, params, state=state, load_state=load_state,
-                        resume=resume, dist=dist, meta={"stage2": asdict(cfg)})
+    result = train_loop(name, out_dir, cfg.loop, step_fn, opt, params, state=state, load_state=load_state,
+                        resume=resume, dist=dist, meta={name: asdict(cfg)})
     set_trainable(model, False)
     return result, lcfg

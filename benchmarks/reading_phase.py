@@ -1,0 +1,99 @@
+"""The recipe's stage 3 (reading) from a finished stage 2, with its settings varied: the run's
+projector and LoRA adapters train on, with a fresh schedule, on a mix where most images are
+words and documents; then the synthetic suite.
+
+The seventh weights' tower can be read (a fresh reader on its frozen tokens reads 23% of test
+words, `benchmarks/tower_reading.py`) while the model reads none of 37 OCR questions. In stage
+2 a sixth of the images are words, about 700 in the whole stage: this tests whether more words
+are what the decoder needs to learn to spell from the tower.
+
+    python benchmarks/reading_phase.py runs/long/long_pages_from-long_pages --out runs/read/ocr12 \
+        --steps 800 --tower-blocks 0 --threads 1
+    python benchmarks/reading_phase.py RUN --out runs/read/ocr12_tower1 --steps 800 --threads 1  # the recipe's
+
+RUN must hold train/stage0_visual.safetensors and a finished train/stage2.ckpt (from a run made
+before stage 2 wrote train/stage2_tuned.safetensors; from a newer one, `llava-core train --stage
+3` does the same). Options left out keep the recipe's stage-3 settings. The phase writes
+OUT/train/stage3.{jsonl,ckpt}, OUT/parts, OUT/eval.json and OUT/predictions.jsonl (`llava-core
+eval OUT/parts --suite synthetic -n N --dtype float32`). `--resume` continues an interrupted
+phase. (The two arms of 2026-12-06 ran this before stage 3 entered the recipe, with the same
+settings, their files named stage2.*.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import subprocess
+import sys
+from dataclasses import asdict, replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def phase_config(recipe, args):
+    """The recipe's stage-3 config with the options given, `args.steps` steps, no time budget."""
+    from llava_core.train.common import resolve_autocast
+
+    cfg = copy.deepcopy(recipe.stage3)
+    for key, value in (("ocr", args.ocr), ("document", args.document)):
+        if value is not None:
+            cfg.mix[key] = value
+    if args.tower_blocks is not None:
+        cfg.train_tower_blocks = args.tower_blocks
+    cfg.autocast = resolve_autocast(cfg.autocast, "cpu")
+    cfg.loop = replace(cfg.loop, steps=args.steps, stop_at=None, budget_s=None)
+    return cfg
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("run", type=Path, help="a finished run: train/stage0_visual.safetensors, train/stage2.ckpt")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--steps", type=int, default=800)
+    p.add_argument("--ocr", type=float, help="weight of word images in the mix (stage 2: 2)")
+    p.add_argument("--document", type=float, help="weight of documents (stage 2: 2)")
+    p.add_argument("--tower-blocks", type=int, help="train the tower's last k blocks too")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("-n", type=int, default=200, help="questions per split in the evaluation")
+    p.add_argument("--resume", action="store_true")
+    args = p.parse_args()
+
+    import torch
+
+    from llava_core.train.recipe import _build_default, _default_processor, _jsonable, _save_default, default_recipe
+    from llava_core.train.stage0_clip import load_visual
+    from llava_core.train.stage2_instruct import add_lora, lora_config, lora_state, train_stage2
+
+    recipe = default_recipe()
+    train = args.run / "train"
+    ck = torch.load(train / "stage2.ckpt", map_location="cpu", weights_only=False)
+    if not ck.get("done") and ck["step"] < (ck["total"] or 0):
+        raise SystemExit(f"{train / 'stage2.ckpt'}: stage 2 stopped at step {ck['step']} of {ck['total']}")
+    model = _build_default(recipe)
+    from safetensors.torch import load_file
+    load_visual(model.vision_tower, load_file(str(train / "stage0_visual.safetensors")))
+    add_lora(model.language_model, lora_config(recipe.stage2))
+    out = model.load_state_dict(ck["state"], strict=False)
+    if out.unexpected_keys or any(k not in dict(model.named_parameters()) for k in ck["state"]):
+        raise SystemExit(f"{train / 'stage2.ckpt'}: state does not fit the model ({out.unexpected_keys[:3]})")
+    processor = _default_processor(model.cfg)
+    cfg = phase_config(recipe, args)
+    result, lcfg = train_stage2(args.out / "train", model, processor, cfg, resume=args.resume,
+                                threads=args.threads, name="stage3")
+    lora = {k: v.cpu() for k, v in lora_state(model.language_model).items()}
+    meta = {"from": str(args.run), "phase": _jsonable(asdict(cfg)), "steps": result.steps,
+            "elapsed_s": round(result.elapsed_s, 1)}
+    # the parts hold the tower as it is now (changed where --tower-blocks trained it)
+    _save_default(model.to("cpu"), args.out / "parts", lora, lcfg, {"reading_phase.json": meta})
+    print(f"{args.out}: {result.steps} steps in {result.elapsed_s:.0f} s", flush=True)
+    subprocess.run([sys.executable, "-m", "llava_core.cli.main", "eval", str(args.out / "parts"),
+                    "--suite", "synthetic", "-n", str(args.n), "--dtype", "float32",
+                    "--out", str(args.out / "eval.json"), "--predictions", str(args.out / "predictions.jsonl")],
+                   check=True, cwd=ROOT)
+
+
+if __name__ == "__main__":
+    main()
