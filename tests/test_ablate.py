@@ -55,6 +55,21 @@ def test_sweep_writes_csv_table_and_plot_and_resumes(ckpt, tmp_path):
     assert "± " in markdown_table(again)
 
 
+def test_sweep_runs_seed_by_seed_so_a_cut_sweep_compares_projectors(ckpt, tmp_path, monkeypatch):
+    from llava_core.research import ablate
+
+    order = []
+
+    def fake_run(base, processor, kind, seed, cfg, run_dir, resume):
+        order.append((kind, seed))
+        return {"projector": kind, "seed": seed, "params": 1, "tokens_per_image": 1, "steps": 1, "train_s": 0.0,
+                "final_loss": 0.0, "ttft_s": 0.0, "decode_tok_s": 1.0, "acc_overall": 0.5}
+
+    monkeypatch.setattr(ablate, "run_one", fake_run)
+    run_sweep(str(ckpt), tmp_path / "abl", cfg(seeds=[0, 1]))
+    assert order == [("linear", 0), ("avgpool2_mlp2x_gelu", 0), ("linear", 1), ("avgpool2_mlp2x_gelu", 1)]
+
+
 def test_unknown_projector_fails_before_any_training(ckpt, tmp_path):
     with pytest.raises(ConfigError, match="nonsense"):
         run_sweep(str(ckpt), tmp_path / "x", cfg(projectors=["linear", "nonsense"]))

@@ -209,7 +209,8 @@ def run_sweep(model_path: str, out_dir: str | Path, cfg: AblationConfig, resume:
     csv_path = out / "ablation.csv"
     rows = read_rows(csv_path) if resume else []
     done = {(r["projector"], int(r["seed"])) for r in rows}
-    todo = [(k, s) for k in cfg.projectors for s in cfg.seeds if (k, s) not in done]
+    # seed by seed, every projector in each: a sweep its session cuts short leaves comparable rows
+    todo = [(k, s) for s in cfg.seeds for k in cfg.projectors if (k, s) not in done]
     log.info("ablation: %d runs to do, %d already in %s", len(todo), len(done), csv_path)
     for i, (kind, seed) in enumerate(todo):
         log.info("ablation run %d/%d: %s seed %d", i + 1, len(todo), kind, seed)
