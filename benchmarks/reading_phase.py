@@ -43,6 +43,8 @@ def phase_config(recipe, args):
             cfg.mix[key] = value
     if args.tower_blocks is not None:
         cfg.train_tower_blocks = args.tower_blocks
+    if args.seed is not None:  # the phase's data; the adapters it starts from are the run's
+        cfg.seed = args.seed
     cfg.autocast = resolve_autocast(cfg.autocast, "cpu")
     cfg.loop = replace(cfg.loop, steps=args.steps, stop_at=None, budget_s=None)
     return cfg
@@ -56,6 +58,7 @@ def main() -> None:
     p.add_argument("--ocr", type=float, help="weight of word images in the mix (stage 2: 2)")
     p.add_argument("--document", type=float, help="weight of documents (stage 2: 2)")
     p.add_argument("--tower-blocks", type=int, help="train the tower's last k blocks too")
+    p.add_argument("--seed", type=int, help="the phase's data seed (default: the recipe's, 0)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("-n", type=int, default=200, help="questions per split in the evaluation")
     p.add_argument("--resume", action="store_true")

@@ -222,7 +222,7 @@ def test_quick_recipe_is_the_default_in_a_shorter_time():
     quick, default = RECIPES["quick"](), RECIPES["default"]()
     assert quick.budget_minutes <= 30 and sum(quick.stage_budgets().values()) <= (30 - quick.reserve_minutes) * 60
     assert sorted(config_differences(dataclasses.asdict(default), dataclasses.asdict(quick))) == [
-        "budget_minutes: 123.0 -> 28.0", "name: 'default' -> 'quick'", "probe: True -> False"]
+        "budget_minutes: 135.0 -> 28.0", "name: 'default' -> 'quick'", "probe: True -> False"]
 
 
 def test_replay_sets_the_recorded_steps_and_refuses_other_settings():
