@@ -224,7 +224,8 @@ def start_from(run: Path, out: Path, name: str, base: str = "shipped") -> None:
 
     was, now = variant_recipe(base), variant_recipe(name)
     differ = [d for d in config_differences(_jsonable(asdict(was)), _jsonable(asdict(now)))
-              if not d.startswith(("stage2.", "stage3")) and not (d.startswith("projector:") and same_projector_parameters(was, now))]
+              if not d.startswith(("stage2.", "stage3"))
+              and not (d.startswith("projector:") and same_projector_parameters(was, now))]
     if differ:
         raise SystemExit(f"--from: variant {name!r} changes stage 0 or 1 of {base!r}, which --from does not run "
                          f"({'; '.join(differ)})")

@@ -13,7 +13,7 @@
     from llava_core.train import run_recipe, default_recipe
     run_recipe("runs/r1", default_recipe())        # stages 0-3, parts in runs/r1/parts
 
-    python -m llava_core.train --out runs/r1 [--budget-minutes 125] [--stage all] [--resume]
+    python -m llava_core.train --out runs/r1 [--budget-minutes 135] [--stage all] [--resume]
 
 Under `torchrun --nproc_per_node N -m llava_core.train --out DIR` each stage wraps its
 trainable module in DistributedDataParallel (gloo; nccl with --device cuda) and reads its

@@ -72,8 +72,9 @@ class Recipe:
     # the whole recipe; None: each stage's own loop settings. The issue allows 150 minutes on two
     # CPU cores; these 135 minutes, all but the reserve split by `shares`, are about the shipped
     # (eighth) run's stage times on this project's CPU machine when nothing else runs (stage 0
-    # 3,810 steps in 2,656 s, stage 1 210 in 366 s, stage 2 1,080 in an estimated 2,400 s, stage
-    # 3 800 in 2,416 s, measured alone with another data seed: benchmarks/default_model.md). Stage 0 gets the most: the tower
+    # 3,810 steps in 2,656 s, stage 1 210 in 366 s, stage 2 1,080 in an estimated 2,400 s, which
+    # may be as much as the 3,799 s it took beside another arm, stage 3 800 in 2,416 s, measured
+    # alone with another data seed: benchmarks/default_model.md). Stage 0 gets the most: the tower
     # is what could not read or place things; three times its steps (with pages) took its
     # per-patch character accuracy on inked patches of its training batches from 60% to 79%
     # (those batches now hold pages, the sixth weights' did not) and the model's right answers
