@@ -13,8 +13,10 @@ are what the decoder needs to learn to spell from the tower.
 
 RUN must hold train/stage0_visual.safetensors and a finished train/stage2.ckpt (from a run made
 before stage 2 wrote train/stage2_tuned.safetensors; from a newer one, `llava-core train --stage
-3` does the same). Options left out keep the recipe's stage-3 settings. The phase writes
-OUT/train/stage3.{jsonl,ckpt}, OUT/parts, OUT/eval.json and OUT/predictions.jsonl (`llava-core
+3` does the same). Options left out keep the recipe's stage-3 settings. The script writes
+RUN's stage-2 output into OUT/train as the recipe does and runs the recipe's stage 3 there
+(`run_recipe(OUT, recipe, stages=(3,))`): OUT/train/stage3.{jsonl,ckpt}, OUT/parts (with
+training.json), then OUT/eval.json and OUT/predictions.jsonl (`llava-core
 eval OUT/parts --suite synthetic -n N --dtype float32`). `--resume` continues an interrupted
 phase. (The two arms of 2026-12-06 ran this before stage 3 entered the recipe, with the same
 settings, their files named stage2.*.)
@@ -24,9 +26,10 @@ from __future__ import annotations
 
 import argparse
 import copy
+import shutil
 import subprocess
 import sys
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,8 +38,6 @@ sys.path.insert(0, str(ROOT))
 
 def phase_config(recipe, args):
     """The recipe's stage-3 config with the options given, `args.steps` steps, no time budget."""
-    from llava_core.train.common import resolve_autocast
-
     cfg = copy.deepcopy(recipe.stage3)
     for key, value in (("ocr", args.ocr), ("document", args.document)):
         if value is not None:
@@ -45,7 +46,6 @@ def phase_config(recipe, args):
         cfg.train_tower_blocks = args.tower_blocks
     if args.seed is not None:  # the phase's data; the adapters it starts from are the run's
         cfg.seed = args.seed
-    cfg.autocast = resolve_autocast(cfg.autocast, "cpu")
     cfg.loop = replace(cfg.loop, steps=args.steps, stop_at=None, budget_s=None)
     return cfg
 
@@ -65,33 +65,34 @@ def main() -> None:
     args = p.parse_args()
 
     import torch
+    from safetensors.torch import load_file
 
-    from llava_core.train.recipe import _build_default, _default_processor, _jsonable, _save_default, default_recipe
+    from llava_core.train.recipe import _build_default, _save_tensors, _tuned_state, default_recipe, run_recipe
     from llava_core.train.stage0_clip import load_visual
-    from llava_core.train.stage2_instruct import add_lora, lora_config, lora_state, train_stage2
+    from llava_core.train.stage2_instruct import add_lora, lora_config
 
     recipe = default_recipe()
-    train = args.run / "train"
-    ck = torch.load(train / "stage2.ckpt", map_location="cpu", weights_only=False)
-    if not ck.get("done") and ck["step"] < (ck["total"] or 0):
-        raise SystemExit(f"{train / 'stage2.ckpt'}: stage 2 stopped at step {ck['step']} of {ck['total']}")
-    model = _build_default(recipe)
-    from safetensors.torch import load_file
-    load_visual(model.vision_tower, load_file(str(train / "stage0_visual.safetensors")))
-    add_lora(model.language_model, lora_config(recipe.stage2))
-    out = model.load_state_dict(ck["state"], strict=False)
-    if out.unexpected_keys or any(k not in dict(model.named_parameters()) for k in ck["state"]):
-        raise SystemExit(f"{train / 'stage2.ckpt'}: state does not fit the model ({out.unexpected_keys[:3]})")
-    processor = _default_processor(model.cfg)
-    cfg = phase_config(recipe, args)
-    result, lcfg = train_stage2(args.out / "train", model, processor, cfg, resume=args.resume,
-                                threads=args.threads, name="stage3")
-    lora = {k: v.cpu() for k, v in lora_state(model.language_model).items()}
-    meta = {"from": str(args.run), "phase": _jsonable(asdict(cfg)), "steps": result.steps,
-            "elapsed_s": round(result.elapsed_s, 1)}
-    # the parts hold the tower as it is now (changed where --tower-blocks trained it)
-    _save_default(model.to("cpu"), args.out / "parts", lora, lcfg, {"reading_phase.json": meta})
-    print(f"{args.out}: {result.steps} steps in {result.elapsed_s:.0f} s", flush=True)
+    recipe.stage3 = phase_config(recipe, args)
+    recipe.budget_minutes, recipe.threads, recipe.eval_samples = None, args.threads, 0
+    train, dest = args.run / "train", args.out / "train"
+    tuned = dest / "stage2_tuned.safetensors"
+    if not tuned.is_file():  # write stage 2's output as run_recipe does, from RUN's checkpoint
+        ck = torch.load(train / "stage2.ckpt", map_location="cpu", weights_only=False)
+        if not ck.get("done") and ck["step"] < (ck["total"] or 0):
+            raise SystemExit(f"{train / 'stage2.ckpt'}: stage 2 stopped at step {ck['step']} of {ck['total']}")
+        model = _build_default(recipe)
+        load_visual(model.vision_tower, load_file(str(train / "stage0_visual.safetensors")))
+        add_lora(model.language_model, lora_config(recipe.stage2))
+        out = model.load_state_dict(ck["state"], strict=False)
+        if out.unexpected_keys or any(k not in dict(model.named_parameters()) for k in ck["state"]):
+            raise SystemExit(f"{train / 'stage2.ckpt'}: state does not fit the model ({out.unexpected_keys[:3]})")
+        for f in ("stage0_visual.safetensors", "stage1_projector.safetensors"):  # read before stage 3 loads `tuned`
+            dest.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(train / f, dest / f)
+        _save_tensors(_tuned_state(model), tuned)
+        del model
+    summary = run_recipe(args.out, recipe, stages=(3,), resume=args.resume)
+    print(f"{args.out}: stage 3 in {summary['stages']['3']['seconds']:.0f} s", flush=True)
     subprocess.run([sys.executable, "-m", "llava_core.cli.main", "eval", str(args.out / "parts"),
                     "--suite", "synthetic", "-n", str(args.n), "--dtype", "float32",
                     "--out", str(args.out / "eval.json"), "--predictions", str(args.out / "predictions.jsonl")],
