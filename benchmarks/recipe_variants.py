@@ -356,6 +356,24 @@ def paired(args) -> None:
           f"sign test p = {p:.3f}")
 
 
+def reading(args) -> None:
+    """Per predictions file and split, the "read the word" answers (task ocr_read, multi-turn
+    ones included): how many, how many read whole (exact match), and the mean share of
+    characters read (eval.char_accuracy: 1 - edit distance / length)."""
+    from llava_core.eval import char_accuracy
+    from llava_core.train.common import read_jsonl
+
+    for f in args.predictions:
+        rows = [r for r in read_jsonl(f) if r["task"] == "ocr_read"]
+        if not rows:
+            raise SystemExit(f"{f}: no ocr_read answers")
+        for split in dict.fromkeys(r["split"] for r in rows):
+            rs = [r for r in rows if r["split"] == split]
+            chars = 100 * sum(char_accuracy(r["prediction"], r["answer"]) for r in rs) / len(rs)
+            whole = sum(r["score"] == 1.0 for r in rs)
+            print(f"{f} {split}: {len(rs)} words, {whole} read whole, characters {chars:.1f}%")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -391,6 +409,9 @@ def main() -> None:
     c.add_argument("a", type=Path)
     c.add_argument("b", type=Path)
     c.set_defaults(func=paired)
+    g = sub.add_parser("reading", help="words read whole and characters read, per predictions.jsonl and split")
+    g.add_argument("predictions", type=Path, nargs="+")
+    g.set_defaults(func=reading)
     args = p.parse_args()
     import logging
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")

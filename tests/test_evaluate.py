@@ -59,6 +59,15 @@ def test_vqa_soft_accuracy(prediction, answers, score):
     assert ev.vqa_accuracy(prediction, answers) == pytest.approx(score)
 
 
+def test_char_accuracy_is_one_less_the_edit_distance_per_character():
+    assert ev.metrics.edit_distance("kitten", "sitting") == 3  # two substitutions, one insertion
+    assert ev.char_accuracy("STORM", "STOP") == 0.5  # P -> R, M inserted: 2 edits over 4 characters
+    assert ev.char_accuracy(" stop ", "STOP") == 1.0  # case and outer spaces ignored
+    assert ev.char_accuracy("EOKZZ", "EDLEZX") == pytest.approx(1 - 4 / 6)
+    assert ev.char_accuracy("a much longer answer", "STOP") == 0.0  # floored, not negative
+    assert ev.char_accuracy("", "") == 1.0 and ev.char_accuracy("x", "") == 0.0
+
+
 def test_token_f1():
     assert ev.token_f1("A red circle and a blue square.", "a red circle and a blue square") == 1.0
     assert ev.token_f1("red circle", "red circle and blue square") == pytest.approx(2 * 1 * 0.4 / 1.4)

@@ -923,6 +923,23 @@ def test_recipe_variants_paired_counts_and_sign_test(tmp_path, capsys):
     assert "8 questions" in out and "A wrong 1," in out and "B wrong 6," in out and "p = 0.125" in out
 
 
+def test_recipe_variants_reading_counts_words_and_characters_per_split(tmp_path, capsys):
+    rv = _benchmark("recipe_variants")
+    rows = [("test", "ocr_read", "STOP", "STOP"), ("test", "ocr_read", "STOP", "STORM"),
+            ("test", "ocr_colour", "red", "blue"), ("shifted", "ocr_read", "EDLEZX", "")]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(
+        {"split": sp, "index": i, "task": t, "answer": a, "prediction": pr, "score": float(a == pr)}) + "\n"
+        for i, (sp, t, a, pr) in enumerate(rows)))
+    rv.reading(argparse.Namespace(predictions=[tmp_path / "p.jsonl"]))
+    out = capsys.readouterr().out.splitlines()
+    # test: STOP whole (1.0) and STORM (2 edits of 4: 0.5) -> 75%; the colour answer is not a word
+    assert out[0].endswith("test: 2 words, 1 read whole, characters 75.0%")
+    assert out[1].endswith("shifted: 1 words, 0 read whole, characters 0.0%")
+    (tmp_path / "q.jsonl").write_text(json.dumps({"split": "test", "index": 0, "task": "colour"}) + "\n")
+    with pytest.raises(SystemExit, match="no ocr_read answers"):
+        rv.reading(argparse.Namespace(predictions=[tmp_path / "q.jsonl"]))
+
+
 def test_recipe_variants_from_a_run_trains_stage_2_alone(tmp_path):
     rv = _benchmark("recipe_variants")
     run = tmp_path / "r9"

@@ -10,10 +10,10 @@ of questions (VQAv2-style soft accuracy).
 
 from .answers import answer_batch, sample_conversation
 from .jsonl import evaluate_jsonl, read_questions
-from .metrics import exact_match, normalize_answer, token_f1, vqa_accuracy
+from .metrics import char_accuracy, exact_match, normalize_answer, token_f1, vqa_accuracy
 from .report import CAPTION_QTYPES, format_table, save_json, save_jsonl, shared_overall, summarize
 from .synthetic import evaluate_synthetic
 
-__all__ = ["CAPTION_QTYPES", "answer_batch", "evaluate_jsonl", "evaluate_synthetic", "exact_match", "format_table",
+__all__ = ["CAPTION_QTYPES", "answer_batch", "char_accuracy", "evaluate_jsonl", "evaluate_synthetic", "exact_match", "format_table",
            "normalize_answer", "read_questions", "sample_conversation", "save_json", "save_jsonl",
            "shared_overall", "summarize", "token_f1", "vqa_accuracy"]

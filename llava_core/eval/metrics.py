@@ -56,3 +56,20 @@ def token_f1(prediction: str, reference: str) -> float:
         return float(pred == ref)
     precision, recall = common / len(pred), common / len(ref)
     return 2 * precision * recall / (precision + recall)
+
+
+def edit_distance(a: str, b: str) -> int:
+    """Levenshtein distance: insertions, deletions and substitutions of one character each."""
+    row = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        diag, row[0] = row[0], i
+        for j, y in enumerate(b, 1):
+            diag, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, diag + (x != y))
+    return row[-1]
+
+
+def char_accuracy(prediction: str, answer: str) -> float:
+    """1 - edit distance / the answer's length, at least 0, case and outer spaces ignored: how
+    much of a word was read when it was not read whole (STOP -> STORM: 0.5)."""
+    pred, ref = prediction.strip().casefold(), answer.strip().casefold()
+    return max(0.0, 1 - edit_distance(pred, ref) / len(ref)) if ref else float(pred == ref)
