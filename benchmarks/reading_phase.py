@@ -13,7 +13,9 @@ are what the decoder needs to learn to spell from the tower.
 
 RUN must hold train/stage0_visual.safetensors and a finished train/stage2.ckpt (from a run made
 before stage 2 wrote train/stage2_tuned.safetensors; from a newer one, `llava-core train --stage
-3` does the same). Options left out keep the recipe's stage-3 settings. The script writes
+3` does the same), or be a parts folder such as weights/: the phase then continues from those
+weights, their LoRA adapters unmerged (`python benchmarks/reading_phase.py weights --out
+runs/read2/cont800 --seed 2`). Options left out keep the recipe's stage-3 settings. The script writes
 RUN's stage-2 output into OUT/train as the recipe does and runs the recipe's stage 3 there
 (`run_recipe(OUT, recipe, stages=(3,))`): OUT/train/stage3.{jsonl,ckpt}, OUT/parts (with
 training.json), then OUT/eval.json and OUT/predictions.jsonl (`llava-core
@@ -50,9 +52,30 @@ def phase_config(recipe, args):
     return cfg
 
 
+def tuned_from_parts(recipe, parts: Path, dest: Path) -> None:
+    """Stage 2's three files in dest, taken from a parts folder (e.g. weights/): its tower,
+    projector and LoRA adapters, unmerged, so that stage 3 continues from shipped weights."""
+    import torch
+    from safetensors.torch import load_file
+
+    from llava_core.default.parts import _put_vision
+    from llava_core.train.recipe import _build_default, _save_tensors, _tuned_state
+    from llava_core.train.stage2_instruct import add_lora, load_lora_state, lora_config
+
+    model = _build_default(recipe)
+    _put_vision(model, parts / "parts.safetensors", torch.float32)
+    add_lora(model.language_model, lora_config(recipe.stage2))
+    load_lora_state(model.language_model, load_file(str(parts / "lora" / "adapter_model.safetensors")))
+    dest.mkdir(parents=True, exist_ok=True)
+    _save_tensors(model.vision_tower.visual.state_dict(), dest / "stage0_visual.safetensors")
+    _save_tensors(model.projector.state_dict(), dest / "stage1_projector.safetensors")
+    _save_tensors(_tuned_state(model), dest / "stage2_tuned.safetensors")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("run", type=Path, help="a finished run: train/stage0_visual.safetensors, train/stage2.ckpt")
+    p.add_argument("run", type=Path, help="a finished run (train/stage0_visual.safetensors, train/stage2.ckpt) "
+                   "or a parts folder (weights/)")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--steps", type=int, default=800)
     p.add_argument("--ocr", type=float, help="weight of word images in the mix (stage 2: 2)")
@@ -76,6 +99,8 @@ def main() -> None:
     recipe.budget_minutes, recipe.threads, recipe.eval_samples = None, args.threads, 0
     train, dest = args.run / "train", args.out / "train"
     tuned = dest / "stage2_tuned.safetensors"
+    if not tuned.is_file() and (args.run / "parts.safetensors").is_file():
+        tuned_from_parts(recipe, args.run, dest)
     if not tuned.is_file():  # write stage 2's output as run_recipe does, from RUN's checkpoint
         ck = torch.load(train / "stage2.ckpt", map_location="cpu", weights_only=False)
         if not ck.get("done") and ck["step"] < (ck["total"] or 0):

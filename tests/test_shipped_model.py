@@ -86,3 +86,34 @@ def test_exported_default_answers_the_same_in_transformers(shipped, tmp_path):
                               do_sample=False)[0]  # from inputs_embeds: the new tokens only
         theirs = hf_proc.decode(out, skip_special_tokens=True).strip()
         assert theirs == answer, conv[0]
+
+
+def test_reading_phase_continues_from_the_shipped_weights_exactly(shipped, tmp_path):
+    """benchmarks/reading_phase.py WEIGHTS: stage 3's starting files rebuilt from the parts folder
+    (tower, projector, LoRA unmerged) give, with the adapters folded in, the shipped model's own
+    weights: the tower and projector bit for bit, each adapted decoder weight within 1e-6 (the
+    merge's float rounding)."""
+    import importlib.util
+
+    from llava_core.train.recipe import _build_default, _load_tensors, _load_tuned, default_recipe
+    from llava_core.train.stage0_clip import load_visual
+    from llava_core.train.stage2_instruct import add_lora, lora_config, merge_lora
+
+    spec = importlib.util.spec_from_file_location("reading_phase", WEIGHTS.parent / "benchmarks" / "reading_phase.py")
+    rp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rp)
+    recipe = default_recipe()
+    rp.tuned_from_parts(recipe, WEIGHTS, tmp_path)
+    model = _build_default(recipe)  # as run_recipe(stages=(3,)) builds it, then loads the three files
+    load_visual(model.vision_tower, _load_tensors(tmp_path / "stage0_visual.safetensors", 0))
+    model.projector.load_state_dict(_load_tensors(tmp_path / "stage1_projector.safetensors", 1))
+    add_lora(model.language_model, lora_config(recipe.stage2))
+    _load_tuned(model, _load_tensors(tmp_path / "stage2_tuned.safetensors", 2), tmp_path)
+    merge_lora(model.language_model)
+    ours, ref = model.state_dict(), shipped[1].state_dict()
+    assert set(ours) == set(ref)
+    for k, v in ours.items():  # unloaded adapters would leave each adapted weight off by its delta
+        if k.startswith(("vision_tower.", "projector.")):
+            assert torch.equal(v, ref[k]), k
+        else:
+            torch.testing.assert_close(v, ref[k], rtol=0, atol=1e-6, msg=k)
