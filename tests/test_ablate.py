@@ -101,3 +101,19 @@ def test_ablate_command_line(ckpt, tmp_path):
     assert bad.returncode == 1 and "bogus9" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
     missing = run(tmp_path / "nowhere", "--projectors", "linear", "--out", tmp_path / "m")
     assert missing.returncode == 1 and "nowhere" in missing.stderr
+
+
+def test_differences_pair_each_projector_with_the_first_seed_by_seed():
+    from llava_core.research.ablate import paired_differences
+
+    def row(kind, seed, acc):
+        return {"projector": kind, "seed": seed, "acc_overall": acc, "tokens_per_image": 1, "params": 1,
+                "train_s": 1.0, "decode_tok_s": 1.0}
+
+    rows = [row("mlp2x_gelu", 0, 0.50), row("one_token", 0, 0.30), row("mlp2x_gelu", 1, 0.60),
+            row("one_token", 1, 0.35), row("one_token", 2, 0.90)]  # seed 2 has no mlp2x_gelu run: left out
+    (d,) = paired_differences(rows)
+    assert d["projector"] == "one_token" and d["seeds"] == [0, 1]
+    assert d["per_seed"] == pytest.approx([-20.0, -25.0]) and d["mean"] == pytest.approx(-22.5)
+    md = markdown_table(rows)
+    assert "less mlp2x_gelu's" in md and "- one_token: -22.5 (seeds 0, 1: -20.0, -25.0)" in md

@@ -240,6 +240,21 @@ def summarize(rows: list[dict]) -> list[dict]:
     return out
 
 
+def paired_differences(rows: list[dict]) -> list[dict]:
+    """Each later projector's overall accuracy less the first projector's, seed by seed (a seed
+    gives both runs the same training data; all runs answer the same test questions), over the
+    seeds both have: [{"projector", "seeds", "per_seed": [points...], "mean"}]."""
+    kinds = list(dict.fromkeys(r["projector"] for r in rows))
+    acc = {(r["projector"], int(r["seed"])): 100 * float(r["acc_overall"]) for r in rows}
+    out = []
+    for kind in kinds[1:]:
+        seeds = sorted(s for k, s in acc if k == kind and (kinds[0], s) in acc)
+        if seeds:
+            diffs = [acc[kind, s] - acc[kinds[0], s] for s in seeds]
+            out.append({"projector": kind, "seeds": seeds, "per_seed": diffs, "mean": statistics.mean(diffs)})
+    return out
+
+
 def markdown_table(rows: list[dict]) -> str:
     summary = summarize(rows)
     qtypes = sorted({k for s in summary for k in s if k.startswith("acc_")} - {"acc_overall"})
@@ -252,7 +267,14 @@ def markdown_table(rows: list[dict]) -> str:
                  pct(s, "acc_overall")] + [pct(s, q) for q in qtypes] + \
                 [f"{s['train_s'][0]:.0f}", f"{s['decode_tok_s'][0]:.1f} ± {s['decode_tok_s'][1]:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n\nAccuracy: exact match (%) on the synthetic test split, mean ± std over seeds.\n"
+    text = "\n".join(lines) + "\n\nAccuracy: exact match (%) on the synthetic test split, mean ± std over seeds.\n"
+    diffs = paired_differences(rows)
+    if diffs:
+        first = summary[0]["projector"]
+        text += f"\nOverall accuracy less {first}'s, seed by seed (points; the same data and questions per seed):\n\n"
+        text += "".join(f"- {d['projector']}: {d['mean']:+.1f} (seeds {', '.join(map(str, d['seeds']))}: "
+                        f"{', '.join(f'{x:+.1f}' for x in d['per_seed'])})\n" for d in diffs)
+    return text
 
 
 def plot(rows: list[dict], path: Path, size=(760, 480)) -> None:
