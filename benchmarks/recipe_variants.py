@@ -182,6 +182,15 @@ def no_reading(r) -> None:
     r.stage3 = None
 
 
+def reading_long(r) -> None:
+    """Half of stage 2's steps given to stage 3 (1,080 / 800 -> 540 / 1,340: as many steps in
+    all, each about as dear): stage 2 saturates (six variants of it tied), and 800 more stage-3
+    steps from the shipped weights read twice the test words (4 -> 8 of 21; one training,
+    benchmarks/default_model.md, 2026-12-07). Ready for three seeds on a GPU."""
+    r.stage2.loop = replace(r.stage2.loop, steps=540, stop_at=540)
+    r.stage3.loop = replace(r.stage3.loop, steps=1340, stop_at=1340)
+
+
 VARIANTS = {"shipped": lambda r: None, "content_route": content_route, "position_heads": position_heads,
             "position_mix": position_mix, "mirror_twins": mirror_twins, "reading_light": reading_light,
             "lora_r16": lora_r16, "pos_projector": pos_projector,
@@ -190,7 +199,7 @@ VARIANTS = {"shipped": lambda r: None, "content_route": content_route, "position
             "pages_reading_mix": pages_reading_mix, "natural": natural,
             "natural_light": natural_light, "long_pages": long_pages,
             "long_pages_cols": long_pages_cols, "reading_frozen_tower": reading_frozen_tower,
-            "no_reading": no_reading}
+            "no_reading": no_reading, "reading_long": reading_long}
 
 
 def variant_recipe(name: str, steps_scale: float = 1.0, seed: int | None = None):

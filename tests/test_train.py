@@ -870,6 +870,11 @@ def test_recipe_variants_replay_the_shipped_steps_then_change_one_thing():
     assert config_differences(dataclasses.asdict(shipped), dataclasses.asdict(frozen)) == [
         "stage3.train_tower_blocks: 1 -> 0"]
     assert seventh.stage3 is None and list(seventh.stage_configs()) == [0, 1, 2]
+    # half of stage 2 moved to stage 3: the same number of instruction steps, nothing else changed
+    long_read = rv.variant_recipe("reading_long")
+    assert config_differences(dataclasses.asdict(shipped), dataclasses.asdict(long_read)) == []  # loops aside
+    assert [(c.loop.steps, c.loop.stop_at) for c in long_read.stage_configs().values()] == [
+        (3810, 3810), (242, 210), (540, 540), (1340, 1340)]
 
 
 def test_patch_cost_times_a_step_by_the_median_after_the_warm_up(tmp_path):
