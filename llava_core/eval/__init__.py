@@ -14,6 +14,6 @@ from .metrics import char_accuracy, exact_match, normalize_answer, token_f1, vqa
 from .report import CAPTION_QTYPES, format_table, save_json, save_jsonl, shared_overall, summarize
 from .synthetic import evaluate_synthetic
 
-__all__ = ["CAPTION_QTYPES", "answer_batch", "char_accuracy", "evaluate_jsonl", "evaluate_synthetic", "exact_match", "format_table",
-           "normalize_answer", "read_questions", "sample_conversation", "save_json", "save_jsonl",
+__all__ = ["CAPTION_QTYPES", "answer_batch", "char_accuracy", "evaluate_jsonl", "evaluate_synthetic", "exact_match",
+           "format_table", "normalize_answer", "read_questions", "sample_conversation", "save_json", "save_jsonl",
            "shared_overall", "summarize", "token_f1", "vqa_accuracy"]
