@@ -72,6 +72,31 @@ def tuned_from_parts(recipe, parts: Path, dest: Path) -> None:
     _save_tensors(_tuned_state(model), dest / "stage2_tuned.safetensors")
 
 
+def tuned_from_run(recipe, train: Path, dest: Path) -> None:
+    """Stage 2's three files in dest as run_recipe writes them, from an older run's finished
+    train/stage2.ckpt and its stage-0 tower and stage-1 projector files."""
+    import torch
+    from safetensors.torch import load_file
+
+    from llava_core.train.recipe import _build_default, _save_tensors, _tuned_state
+    from llava_core.train.stage0_clip import load_visual
+    from llava_core.train.stage2_instruct import add_lora, lora_config
+
+    ck = torch.load(train / "stage2.ckpt", map_location="cpu", weights_only=False)
+    if not ck.get("done") and ck["step"] < (ck["total"] or 0):
+        raise SystemExit(f"{train / 'stage2.ckpt'}: stage 2 stopped at step {ck['step']} of {ck['total']}")
+    model = _build_default(recipe)
+    load_visual(model.vision_tower, load_file(str(train / "stage0_visual.safetensors")))
+    add_lora(model.language_model, lora_config(recipe.stage2))
+    out = model.load_state_dict(ck["state"], strict=False)
+    if out.unexpected_keys or any(k not in dict(model.named_parameters()) for k in ck["state"]):
+        raise SystemExit(f"{train / 'stage2.ckpt'}: state does not fit the model ({out.unexpected_keys[:3]})")
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in ("stage0_visual.safetensors", "stage1_projector.safetensors"):  # read before stage 3 loads `tuned`
+        shutil.copyfile(train / f, dest / f)
+    _save_tensors(_tuned_state(model), dest / "stage2_tuned.safetensors")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("run", type=Path, help="a finished run (train/stage0_visual.safetensors, train/stage2.ckpt) "
@@ -87,35 +112,17 @@ def main() -> None:
     p.add_argument("--resume", action="store_true")
     args = p.parse_args()
 
-    import torch
-    from safetensors.torch import load_file
-
-    from llava_core.train.recipe import _build_default, _save_tensors, _tuned_state, default_recipe, run_recipe
-    from llava_core.train.stage0_clip import load_visual
-    from llava_core.train.stage2_instruct import add_lora, lora_config
+    from llava_core.train.recipe import default_recipe, run_recipe
 
     recipe = default_recipe()
     recipe.stage3 = phase_config(recipe, args)
     recipe.budget_minutes, recipe.threads, recipe.eval_samples = None, args.threads, 0
-    train, dest = args.run / "train", args.out / "train"
-    tuned = dest / "stage2_tuned.safetensors"
-    if not tuned.is_file() and (args.run / "parts.safetensors").is_file():
-        tuned_from_parts(recipe, args.run, dest)
-    if not tuned.is_file():  # write stage 2's output as run_recipe does, from RUN's checkpoint
-        ck = torch.load(train / "stage2.ckpt", map_location="cpu", weights_only=False)
-        if not ck.get("done") and ck["step"] < (ck["total"] or 0):
-            raise SystemExit(f"{train / 'stage2.ckpt'}: stage 2 stopped at step {ck['step']} of {ck['total']}")
-        model = _build_default(recipe)
-        load_visual(model.vision_tower, load_file(str(train / "stage0_visual.safetensors")))
-        add_lora(model.language_model, lora_config(recipe.stage2))
-        out = model.load_state_dict(ck["state"], strict=False)
-        if out.unexpected_keys or any(k not in dict(model.named_parameters()) for k in ck["state"]):
-            raise SystemExit(f"{train / 'stage2.ckpt'}: state does not fit the model ({out.unexpected_keys[:3]})")
-        for f in ("stage0_visual.safetensors", "stage1_projector.safetensors"):  # read before stage 3 loads `tuned`
-            dest.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(train / f, dest / f)
-        _save_tensors(_tuned_state(model), tuned)
-        del model
+    dest = args.out / "train"
+    if not (dest / "stage2_tuned.safetensors").is_file():  # written once; --resume reuses it
+        if (args.run / "parts.safetensors").is_file():
+            tuned_from_parts(recipe, args.run, dest)
+        else:
+            tuned_from_run(recipe, args.run / "train", dest)
     summary = run_recipe(args.out, recipe, stages=(3,), resume=args.resume)
     print(f"{args.out}: stage 3 in {summary['stages']['3']['seconds']:.0f} s", flush=True)
     subprocess.run([sys.executable, "-m", "llava_core.cli.main", "eval", str(args.out / "parts"),
