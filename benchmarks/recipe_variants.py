@@ -191,6 +191,15 @@ def reading_long(r) -> None:
     r.stage3.loop = replace(r.stage3.loop, steps=1340, stop_at=1340)
 
 
+def kind_questions(r) -> None:
+    """Stages 2 and 3 also ask what kind of image it is and whether it holds text (qtype
+    "kind", data/kind.py, weight 0.3: ~7% of the answers): two of the questions on the example
+    images that the eighth weights miss ("Is there any text in the image?" -> "STORM", "What
+    kind of image is this?" -> "red key") are asked by no other training question."""
+    r.stage2.mix["kind"] = 0.3
+    r.stage3.mix["kind"] = 0.3
+
+
 VARIANTS = {"shipped": lambda r: None, "content_route": content_route, "position_heads": position_heads,
             "position_mix": position_mix, "mirror_twins": mirror_twins, "reading_light": reading_light,
             "lora_r16": lora_r16, "pos_projector": pos_projector,
@@ -199,7 +208,7 @@ VARIANTS = {"shipped": lambda r: None, "content_route": content_route, "position
             "pages_reading_mix": pages_reading_mix, "natural": natural,
             "natural_light": natural_light, "long_pages": long_pages,
             "long_pages_cols": long_pages_cols, "reading_frozen_tower": reading_frozen_tower,
-            "no_reading": no_reading, "reading_long": reading_long}
+            "no_reading": no_reading, "reading_long": reading_long, "kind_questions": kind_questions}
 
 
 def variant_recipe(name: str, steps_scale: float = 1.0, seed: int | None = None):

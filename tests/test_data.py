@@ -98,7 +98,7 @@ def test_yesno_balance():
 
 def test_every_qtype_and_task(train):
     assert {s["qtype"] for s in train} == set(INSTRUCT_MIX)  # the scored suite's mix
-    assert set(QTYPES) - set(INSTRUCT_MIX) == {"list", "presence", "absent"}  # recipes add these
+    assert set(QTYPES) - set(INSTRUCT_MIX) == {"list", "presence", "absent", "kind"}  # recipes add these
     tasks = {t for s in train for t in s["meta"]["tasks"]}
     for task in ("count_all", "count_shape", "count_colour", "position_where", "position_lr", "position_tb",
                  "yesno_exists", "yesno_attribute", "yesno_side", "yesno_count", "ocr_read", "ocr_colour",
@@ -225,6 +225,52 @@ def test_packed_samples():
     assert len(_check_answers(shapes)) >= 12
     with pytest.raises(ValueError, match="turns=0"):
         make_sample("train", 0, cfg, turns=0)
+
+
+def test_the_shipped_recipes_question_streams_do_not_move():
+    """`llava-core train --replay weights/training.json` reproduces the shipped weights only if
+    stages 2-3 draw the same questions: a pinned digest of their first 60 packed samples'
+    conversations (text only: rendering may differ with the installed fonts). A generator change
+    that moves them must ship new weights, or keep the old stream behind a zero weight."""
+    from llava_core.train.recipe import default_recipe
+
+    r, h = default_recipe(), hashlib.sha256()
+    for mix in (r.stage2.mix, r.stage3.mix):
+        for i in range(60):
+            s = make_sample("train", i, DataConfig(mix=dict(mix)), turns=8)
+            h.update(repr((s["qtype"], s["conversation"])).encode())
+    assert h.hexdigest()[:16] == "6e31b8607a6c2224"
+
+
+def test_kind_questions_answer_what_the_scene_is():
+    """qtype "kind" ("What kind of image is this?", "Is there any text in the image?") on every
+    scene kind, one question a sample or packed among the others, each answer true of the scene;
+    a mix that weighs it 0 draws exactly the samples of a mix without it (shipped runs replay)."""
+    from llava_core.data.kind import ANY_TEXT_QS, KIND_QS, TEXT_KINDS
+
+    want_kind = {"shapes": lambda m: "a drawing of shapes", "document": lambda m: "a document",
+                 "text": lambda m: TEXT_KINDS[m["text_kind"]]}
+    seen = Counter()
+    single = [make_sample(split, i, DataConfig(mix={"kind": 1.0})) for split in ("train", "shifted") for i in range(60)]
+    packed = [make_sample("train", i, DataConfig(mix={**INSTRUCT_MIX, "kind": 0.5}), turns=8) for i in range(120)]
+    for s in single + packed:
+        for k, task in enumerate(s["meta"]["tasks"]):
+            q, a = s["conversation"][2 * k]["content"], s["conversation"][2 * k + 1]["content"]
+            if task == "kind":
+                assert q in KIND_QS and a == want_kind[s["meta"]["kind"]](s["meta"]), (q, a, s["meta"]["kind"])
+            elif task == "any_text":
+                assert q in ANY_TEXT_QS and a == ("no" if s["meta"]["kind"] == "shapes" else "yes"), (q, a)
+            else:
+                assert s in packed, task  # a one-question "kind" sample asks nothing else
+                continue
+            seen[(s in packed, s["meta"]["kind"], task)] += 1
+    assert len(seen) == 12 and min(seen.values()) >= 3, seen  # single and packed, 3 kinds, 2 tasks
+    for mix in (INSTRUCT_MIX, {"ocr": 1.0, "document": 1.0, "colour": 1.0}):
+        for turns in (1, 8):
+            for i in range(40):
+                a, b = make_sample("train", i, DataConfig(mix=dict(mix)), turns), \
+                    make_sample("train", i, DataConfig(mix={**mix, "kind": 0.0}), turns)
+                assert (a["conversation"], _hash(a["image"])) == (b["conversation"], _hash(b["image"]))
 
 
 def _check_answers(samples) -> Counter:

@@ -16,13 +16,14 @@ from PIL import Image
 
 from . import document, text
 from .draw import render_shapes
+from .kind import KINDS, ask_kind
 from .questions import SHAPE_ASKERS, Ask
 from .scene import SceneConfig, layout_key, make_objects, place, sample_layout
 from .shift import ShiftConfig, corrupt, sample_shift
 from .splits import bucket_of, owner_split, sample_rng
 from .vocab import ALL_PAIRS, COLOURS, HELDOUT_PAIRS, SHAPES
 
-QTYPES = tuple(SHAPE_ASKERS) + ("ocr", "document", "multiturn")
+QTYPES = tuple(SHAPE_ASKERS) + ("ocr", "document", "multiturn", "kind")
 CAPTION_MIX = {"caption_detailed": 0.8, "caption_short": 0.2}  # stage 1: image -> caption
 INSTRUCT_MIX = {  # stage 2: every task
     "colour": 1.0, "shape": 1.0, "count": 1.0, "size": 0.5, "position": 1.0, "relation": 1.0,
@@ -111,6 +112,10 @@ def _draw(rng: random.Random, weights: dict, askers: dict, k: int, *args, key=la
     return turns
 
 
+def _ask_kind_of_shapes(rng, objects, ctx):
+    return ask_kind(rng, {"kind": "shapes"})
+
+
 def _shape_turns(rng, qtype, split, cfg, turns_wanted: int = 0, weights: dict | None = None):
     heldout = split == "heldout"
     ctx = Ask(mention=ALL_PAIRS if heldout else cfg.train_pairs, focus=cfg.heldout_pairs if heldout else ())
@@ -120,11 +125,13 @@ def _shape_turns(rng, qtype, split, cfg, turns_wanted: int = 0, weights: dict | 
             continue
         objects = make_objects(layout)
         if turns_wanted:
-            turns = _draw(rng, weights, SHAPE_ASKERS, turns_wanted, objects, ctx)
+            turns = _draw(rng, weights, {**SHAPE_ASKERS, "kind": _ask_kind_of_shapes}, turns_wanted, objects, ctx)
             ok = len(turns) > 0
         elif qtype == "multiturn":
             turns = _take(rng, [SHAPE_ASKERS[k] for k in MULTITURN_SHAPE_ASKERS], rng.choice((2, 3)), objects, ctx)
             ok = len(turns) >= 2
+        elif qtype == "kind":
+            turns, ok = [_ask_kind_of_shapes(rng, objects, ctx)], True
         else:
             turns = [SHAPE_ASKERS[qtype](rng, objects, ctx)]
             ok = turns[0] is not None
@@ -143,10 +150,12 @@ def _text_turns(rng, qtype, split, cfg, kind, turns_wanted: int = 0, weights: di
     else:
         raise RuntimeError(f"no {split} {kind} scene in {_MAX_TRIES} tries")
     if turns_wanted:
-        askers = TEXT_ASKERS if kind == "text" else DOCUMENT_ASKERS
+        askers = {**(TEXT_ASKERS if kind == "text" else DOCUMENT_ASKERS), "ask_kind": ask_kind}
         w = {n: weights.get(n, 1.0) for n in askers}
         # one turn per (task, answer): asking for the same word in other words teaches nothing new
         return meta, _draw(rng, w, askers, turns_wanted, meta, key=lambda t: (t[2], t[1]))
+    if qtype == "kind":
+        return meta, [ask_kind(rng, meta)]
     if kind == "text":
         askers = tuple(TEXT_ASKERS.values())
         if qtype == "ocr":
@@ -208,6 +217,10 @@ def make_sample(split: str, index: int, config: DataConfig | None = None, turns:
     if independent:
         meta, chosen = _packed_turns(rng, mix, split, cfg, turns)
         qtype = "packed"
+    elif qtype == "kind":  # any scene: its kind first, a third each
+        kind = rng.choice(KINDS)
+        meta, chosen = (_shape_turns(rng, qtype, split, cfg) if kind == "shapes" else
+                        _text_turns(rng, qtype, split, cfg, kind))
     elif qtype in SHAPE_ASKERS or (qtype == "multiturn" and (split == "heldout" or rng.random() < 0.6)):
         meta, chosen = _shape_turns(rng, qtype, split, cfg)
     else:
@@ -224,8 +237,9 @@ def make_sample(split: str, index: int, config: DataConfig | None = None, turns:
 
 def _packed_turns(rng, mix: dict, split: str, cfg: DataConfig, k: int):
     """(meta, turns) for make_sample(..., turns=k): up to k questions about one image."""
-    shapes = {q: mix.get(q, 0.0) for q in SHAPE_ASKERS}
-    kinds = {"shapes": sum(shapes.values()), "text": mix.get("ocr", 0.0), "document": mix.get("document", 0.0)}
+    shapes = {q: mix.get(q, 0.0) for q in (*SHAPE_ASKERS, "kind")}
+    kinds = {"shapes": sum(w for q, w in shapes.items() if q != "kind"), "text": mix.get("ocr", 0.0),
+             "document": mix.get("document", 0.0)}
     if split == "heldout":
         kinds.update(text=0.0, document=0.0)
     if not any(w > 0 for w in kinds.values()):  # a mix of "multiturn" alone never gets here
@@ -234,7 +248,8 @@ def _packed_turns(rng, mix: dict, split: str, cfg: DataConfig, k: int):
     if kind == "shapes":
         return _shape_turns(rng, "packed", split, cfg, k, shapes)
     # reading (the word, the title) weighs more: it is the skill the model lacks most
-    return _text_turns(rng, "packed", split, cfg, kind, k, {"ask_ocr": 2.0, "ask_title": 1.5})
+    return _text_turns(rng, "packed", split, cfg, kind, k,
+                       {"ask_ocr": 2.0, "ask_title": 1.5, "ask_kind": mix.get("kind", 0.0)})
 
 
 class SyntheticDataset:
