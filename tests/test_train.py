@@ -215,14 +215,18 @@ def test_budget_split_over_the_stages_run():
 
 
 def test_quick_recipe_is_the_default_in_a_shorter_time():
-    """`--recipe quick` plans its stages within 30 minutes and computes as the default does: the
-    only differences are its name, its budget and the probes it skips."""
+    """`--recipe quick` plans its stages within 30 minutes and computes stages 1-3 as the default
+    does: beside its name, budget and probes, it differs only in taking the shipped tower for stage 0."""
     from llava_core.train.recipe import RECIPES
 
     quick, default = RECIPES["quick"](), RECIPES["default"]()
-    assert quick.budget_minutes <= 30 and sum(quick.stage_budgets().values()) <= (30 - quick.reserve_minutes) * 60
-    assert sorted(config_differences(dataclasses.asdict(default), dataclasses.asdict(quick))) == [
-        "budget_minutes: 135.0 -> 28.0", "name: 'default' -> 'quick'", "probe: True -> False"]
+    budgets = quick.stage_budgets()
+    assert budgets[0] is None and sum(budgets[s] for s in (1, 2, 3)) <= (30 - quick.reserve_minutes) * 60
+    assert quick.budget_minutes <= 30 and (quick.stage0, quick.tower) == (None, "default")
+    differ = config_differences(dataclasses.asdict(default), dataclasses.asdict(quick))
+    assert sorted(d for d in differ if not d.startswith("stage0.")) == [
+        "budget_minutes: 135.0 -> 28.0", "name: 'default' -> 'quick'", "probe: True -> False",
+        "tower: None -> 'default'"]
 
 
 def test_replay_sets_the_recorded_steps_and_refuses_other_settings():
@@ -544,14 +548,22 @@ def test_train_command_seed_reaches_every_stage(tmp_path, monkeypatch):
     train_cli.main(["--out", str(tmp_path), "--seed", "3"])
     r = seen["recipe"]
     assert r.seed == 3 and [c.seed for c in r.stage_configs().values()] == [3, 3, 3, 3]
+    train_cli.main(["--out", str(tmp_path), "--recipe", "quick", "--seed", "3"])  # no stage 0 to seed
+    r = seen["recipe"]
+    assert (r.stage0, r.tower) == (None, "default") and sorted(r.stage_configs()) == [1, 2, 3]
+    assert [c.seed for c in r.stage_configs().values()] == [3, 3, 3]
+    weights = str(Path(__file__).parents[1] / "weights")
+    train_cli.main(["--out", str(tmp_path), "--tower", weights])
+    assert (seen["recipe"].stage0, seen["recipe"].tower, seen["recipe"].name) == (None, weights, "default")
     with pytest.raises(ValueError, match="seed"):  # a replay repeats the recorded seeds
         train_cli.main(["--out", str(tmp_path), "--seed", "3", "--replay",
                         str(Path(__file__).parents[1] / "weights" / "training.json")])
 
 
 @pytest.mark.parametrize("args, message", [(["--device", "tpu"], "--device: device 'tpu'"),
-                                           (["--workers", "-1"], "--workers -1: expected 0")])
-def test_train_command_refuses_a_bad_device_or_worker_count_in_one_line(tmp_path, capsys, args, message):
+                                           (["--workers", "-1"], "--workers -1: expected 0"),
+                                           (["--tower", "/nowhere"], "--tower /nowhere: no parts.safetensors")])
+def test_train_command_refuses_a_bad_device_worker_count_or_tower_in_one_line(tmp_path, capsys, args, message):
     from llava_core.cli.train import main
 
     with pytest.raises(SystemExit) as exit_:
@@ -788,6 +800,49 @@ def test_run_recipe_writes_every_stage_and_the_parts(tmp_path, processor):
         run_recipe(tmp_path / "no2", recipe, stages=(3,), **kw)
 
 
+def test_run_recipe_takes_a_parts_folders_tower_in_place_of_stage0(tmp_path, processor):
+    """stage0=None, tower=PARTS (the quick recipe's start): the folder's tower is stage 0's
+    output bit for bit, stages 1-2 train a projector on it with the tower frozen, the folder's
+    projector is not taken (load_tower), and the budget is split over stages 1-3 alone."""
+    from safetensors.torch import load_file
+
+    from llava_core.checkpoints.export import hub_state_dict, write_safetensors
+    from llava_core.default.parts import load_tower, parts_hash
+
+    donor = tiny_model(processor, seed=5)  # build_model's fresh model is seed 0's
+    parts = tmp_path / "donor"
+    parts.mkdir()
+    write_safetensors(hub_state_dict(donor, torch.float32, prefixes=("vision_tower.", "projector.")), parts,
+                      name="parts")
+    recipe = Recipe(vision=VISION, budget_minutes=None, probe=False, eval_samples=0, threads=1, stage0=None,
+                    tower=str(parts), stage1=s1(2), stage2=s2(2), stage3=None)
+    saved = {}
+
+    def save(model, folder, lora, lora_cfg, extra_files):
+        saved.update(tower=copy.deepcopy(model.vision_tower.state_dict()))
+
+    kw = dict(build_model=lambda r: tiny_model(processor), make_processor=lambda cfg: processor, save=save)
+    summary = run_recipe(tmp_path / "run", recipe, **kw)
+    visual = load_file(str(tmp_path / "run" / "train" / "stage0_visual.safetensors"))
+    want = donor.vision_tower.visual.state_dict()
+    assert visual.keys() == want.keys() and all(torch.equal(visual[k], want[k]) for k in want)
+    for k, v in donor.vision_tower.state_dict().items():
+        assert torch.equal(saved["tower"][k], v), k
+    assert summary["stages"]["0"] == {"tower": str(parts), "folder": str(parts), "parts_hash": parts_hash(parts)}
+    assert [summary["stages"][s]["steps"] for s in ("1", "2")] == [2, 2]
+    assert not (tmp_path / "run" / "train" / "stage0.ckpt").exists()
+    budgets = dataclasses.replace(recipe, budget_minutes=10.0, reserve_minutes=4.0).stage_budgets()
+    assert budgets[0] is None and budgets[3] is None and budgets[1] + budgets[2] == pytest.approx(360.0)
+    with pytest.raises(FileNotFoundError, match="nowhere/parts.safetensors"):
+        run_recipe(tmp_path / "run2", dataclasses.replace(recipe, tower=str(tmp_path / "nowhere")), **kw)
+    # load_tower itself: the folder's tower in, the model's own projector kept
+    fresh = tiny_model(processor)
+    projector = copy.deepcopy(fresh.projector.state_dict())
+    load_tower(fresh, parts)
+    assert all(torch.equal(v, donor.vision_tower.state_dict()[k]) for k, v in fresh.vision_tower.state_dict().items())
+    assert all(torch.equal(v, projector[k]) for k, v in fresh.projector.state_dict().items())
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_run_recipe_on_cuda_trains_there_and_saves_from_the_cpu(tmp_path, processor):
     """The tiny recipe on the GPU, stage 0's batches drawn by two workers: the same first loss
@@ -875,6 +930,9 @@ def test_recipe_variants_replay_the_shipped_steps_then_change_one_thing():
     assert config_differences(dataclasses.asdict(shipped), dataclasses.asdict(long_read)) == []  # loops aside
     assert [(c.loop.steps, c.loop.stop_at) for c in long_read.stage_configs().values()] == [
         (3810, 3810), (242, 210), (540, 540), (1340, 1340)]
+    # the kind questions in stages 2-3 and nothing else
+    assert config_differences(dataclasses.asdict(shipped), dataclasses.asdict(rv.variant_recipe("kind_questions"))) == [
+        "stage2.mix.kind: None -> 0.3", "stage3.mix.kind: None -> 0.3"]
 
 
 def test_patch_cost_times_a_step_by_the_median_after_the_warm_up(tmp_path):

@@ -4,6 +4,7 @@ options into a Recipe and refuses bad ones before anything is built.
 
     llava-core train --recipe default --out runs/r1 [--budget-minutes N] [--stage all] [--resume]
     llava-core train --recipe default --out runs/r2 --replay weights/training.json
+    llava-core train --recipe quick --out runs/q1      # stages 1-3 on the shipped tower, 28 min
     torchrun --nproc_per_node 2 -m llava_core.train --out runs/r1   # DDP (gloo)
 """
 
@@ -37,6 +38,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="processes drawing stage 0's batches ahead (0: in the training process; ~8 on a GPU)")
     p.add_argument("--eval-samples", type=int, help="validation questions answered after the last stage")
     p.add_argument("--seed", type=int, help="seed of the whole run: initial values and data of every stage")
+    p.add_argument("--tower", metavar="PARTS", help="take the vision tower of a parts folder ('default': "
+                   "weights/) instead of training one in stage 0 (the quick recipe does)")
     p.add_argument("--replay", metavar="JSON", help="run the steps a finished run recorded (weights/training.json "
                    "or train/summary.json) instead of a time budget: reproduces that run's model")
 
@@ -48,6 +51,8 @@ def run_train(args: argparse.Namespace) -> int:
     for key in ("threads", "eval_samples"):
         if getattr(args, key, None) is not None:
             setattr(recipe, key, getattr(args, key))
+    if args.tower:
+        recipe.stage0, recipe.tower = None, args.tower
     if args.seed is not None:
         recipe.set_seed(args.seed)
     if args.replay:
@@ -69,6 +74,9 @@ def main(argv=None) -> int:
         check_device(args.device)
     except ValueError as e:
         p.error(f"--device: {e}")
+    if args.tower and args.tower != "default" and not (Path(args.tower) / "parts.safetensors").is_file():
+        p.error(f"--tower {args.tower}: no parts.safetensors there (expected a parts folder such as weights/, "
+                "or 'default')")
     if args.workers < 0:
         p.error(f"--workers {args.workers}: expected 0 (draw in the training process) or more")
     return run_train(args)

@@ -212,18 +212,22 @@ def _read_lora(parts: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
     return state, settings
 
 
-def _put_vision(model: LlavaModel, parts_file: Path, dtype: torch.dtype) -> None:
-    """Fill the vision tower and projector (meta) from parts.safetensors, strictly."""
+def _put_vision(model: LlavaModel, parts_file: Path, dtype: torch.dtype,
+                prefixes: tuple[str, ...] = ("vision_tower.", "projector.")) -> None:
+    """Fill the vision tower and projector (meta) from parts.safetensors, strictly; with
+    prefixes=("vision_tower.",) the tower alone (the file's projector is then left unread)."""
     from safetensors.torch import load_file
 
-    expected = {k: v for k, v in model.state_dict().items() if k.startswith(("vision_tower.", "projector."))}
+    state = model.state_dict()
+    expected = {k: v for k, v in state.items() if k.startswith(prefixes)}
     loaded, unexpected, mismatched = {}, [], []
     for key, t in load_file(str(parts_file)).items():
         name = map_key(key)
         m = re.fullmatch(r"(.*)\[([qkv])\]", name or "")
         target, part = (m.group(1), m.group(2)) if m else (name, None)
         if target not in expected:
-            unexpected.append(key)
+            if not (target in state and target.startswith(("vision_tower.", "projector."))):
+                unexpected.append(key)  # a part not asked for is skipped, an unknown key is not
             continue
         shape = tuple(expected[target].shape)
         if part:
@@ -235,12 +239,22 @@ def _put_vision(model: LlavaModel, parts_file: Path, dtype: torch.dtype) -> None
         (qkv_rows(dest, part) if part else dest).copy_(t)
     missing = sorted(set(expected) - set(loaded))
     if missing or unexpected or mismatched:
-        raise CheckpointError(f"{parts_file}: does not fit config.json's vision tower and projector: "
+        raise CheckpointError(f"{parts_file}: does not fit the model's {' and '.join(p[:-1] for p in prefixes)}: "
                               f"missing {missing[:5]}, unexpected {unexpected[:5]}, mismatched {mismatched[:5]}")
-    model.vision_tower.load_state_dict({k[len("vision_tower."):]: v for k, v in loaded.items()
-                                        if k.startswith("vision_tower.")}, strict=True, assign=True)
-    model.projector.load_state_dict({k[len("projector."):]: v for k, v in loaded.items()
-                                     if k.startswith("projector.")}, strict=True, assign=True)
+    for prefix in prefixes:
+        getattr(model, prefix[:-1]).load_state_dict({k[len(prefix):]: v for k, v in loaded.items()
+                                                     if k.startswith(prefix)}, strict=True, assign=True)
+
+
+def load_tower(model: LlavaModel, parts_folder: str | Path) -> None:
+    """The vision tower of a parts folder (e.g. weights/) into `model`, in the model's dtype;
+    its projector and LoRA are not read. For training on a tower trained before, as LLaVA
+    starts from a pretrained CLIP."""
+    parts_file = Path(parts_folder) / "parts.safetensors"
+    if not parts_file.is_file():
+        raise FileNotFoundError(f"{parts_file}: no such file; expected a parts folder such as weights/")
+    dtype = next(model.vision_tower.parameters()).dtype
+    _put_vision(model, parts_file, dtype, prefixes=("vision_tower.",))
 
 
 def load_parts(parts_folder: str | Path, dtype: torch.dtype = torch.float32) -> LlavaModel:

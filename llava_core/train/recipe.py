@@ -1,6 +1,7 @@
 """LLaVA's training recipe for the default model, as dataclasses, and one command that runs it.
 
-    stage 0  CLIP stand-in: contrastive (image, caption) pretraining of the vision tower
+    stage 0  CLIP stand-in: contrastive (image, caption) pretraining of the vision tower, or
+             (`tower`, the quick recipe) the tower of a model trained before, taken as it is
     stage 1  feature alignment: the projector alone, on captions (tower and decoder frozen)
     stage 2  visual instruction tuning: projector + LoRA on the decoder, on the instruct mix
     stage 3  reading: stage 2's projector and LoRA train on, with a fresh schedule, on a mix
@@ -86,7 +87,11 @@ class Recipe:
     # rose from 30.0% to 35.3% with test unchanged at 41.0% (benchmarks/default_model.md)
     # and three tenths of each batch character pages (data/page.py), which teach the per-patch
     # character head glyphs twice as fast per batch as OCR scenes (benchmarks/glyph_rate.py)
-    stage0: Stage0Config = field(default_factory=lambda: Stage0Config(augment=0.5, pages=0.3))
+    stage0: Stage0Config | None = field(default_factory=lambda: Stage0Config(augment=0.5, pages=0.3))
+    # with stage0=None, where the tower comes from instead: a parts folder ("default": the
+    # shipped weights/), its vision tower taken as stage 0's output, as LLaVA takes a pretrained
+    # CLIP; its projector and LoRA are not read, stages 1-3 train fresh ones
+    tower: str | None = None
     # stages 1-2 compute in bf16 where the CPU has native bf16 (0.64x the step time there,
     # benchmarks/README.md), in fp32 elsewhere; the run records which
     stage1: Stage1Config = field(default_factory=lambda: Stage1Config(autocast="auto"))
@@ -152,7 +157,8 @@ class Recipe:
         return self
 
     def stage_configs(self) -> dict:
-        """{stage number: its config} of the stages this recipe has; each has a `loop` (LoopConfig)."""
+        """{stage number: its config} of the stages this recipe trains; each has a `loop` (LoopConfig).
+        Stage 0 is absent where the tower is taken from `tower`."""
         stages = {0: self.stage0, 1: self.stage1, 2: self.stage2, 3: self.stage3}
         return {s: cfg for s, cfg in stages.items() if cfg is not None}
 
@@ -177,10 +183,11 @@ def default_recipe() -> Recipe:
 
 
 def quick_recipe() -> Recipe:
-    """The default recipe in a 28-minute budget, without the tower probes: a working model in a
-    coffee break on two CPU cores. Each stage gets the same share, so about 30% of the steps
-    (benchmarks/default_model.md measured the 58-minute recipe's quick run; this one's is not)."""
-    return Recipe(name="quick", budget_minutes=28.0, probe=False)
+    """LLaVA's own recipe in a 28-minute budget on two CPU cores: the shipped model's trained
+    tower in place of stage 0 (as LLaVA starts from a pretrained CLIP), then stages 1-3 train a
+    fresh projector and LoRA (and stage 3 the tower's last block) with the default recipe's
+    settings, each stage's share of the budget as there, so about 40% of their steps."""
+    return Recipe(name="quick", budget_minutes=28.0, probe=False, stage0=None, tower="default")
 
 
 def smoke_recipe() -> Recipe:
@@ -270,7 +277,13 @@ def run_recipe(out_dir: str | Path, recipe: Recipe | None = None, stages=STAGES,
         summary["stages"] = dict(old.get("stages", {}))  # stages run now replace their entries
 
     visual_file = train_dir / "stage0_visual.safetensors"
-    if 0 in stages:
+    if 0 in stages and recipe.stage0 is None:  # the tower trained before, as stage 0's output
+        folder = _tower_folder(recipe)
+        if dist.main and not (resume and visual_file.is_file()):
+            _save_tensors(_tower_state(recipe, folder, build_model), visual_file)
+        dist.barrier()
+        summary["stages"]["0"] = {"tower": recipe.tower, "folder": str(folder), "parts_hash": _parts_hash(folder)}
+    elif 0 in stages:
         if resume and _finished(train_dir / "stage0.ckpt") and visual_file.is_file():
             log.info("stage 0: finished in %s, skipped", train_dir)
         else:
@@ -351,6 +364,28 @@ def _load_tuned(model, state: dict, path: Path) -> None:
         raise ValueError(f"{path}: does not fit the model: missing {sorted(expected - set(state))[:5]}, "
                          f"unexpected {sorted(set(state) - expected)[:5]}")
     model.load_state_dict(state, strict=False)
+
+
+def _tower_folder(recipe: Recipe) -> Path:
+    if recipe.tower is None:
+        raise ValueError(f"recipe {recipe.name!r}: stage0 is None and no `tower` folder to take the tower from")
+    if recipe.tower == "default":
+        from ..default.cache import default_parts_folder
+        return default_parts_folder()
+    return Path(recipe.tower)
+
+
+def _tower_state(recipe: Recipe, folder: Path, build_model) -> dict:
+    """The vision tower of a parts folder in stage 0's output format (load_visual's)."""
+    from ..default.parts import load_tower
+    model = build_model(recipe)
+    load_tower(model, folder)
+    return {k: v.detach().float() for k, v in model.vision_tower.visual.state_dict().items()}
+
+
+def _parts_hash(folder: Path) -> str:
+    from ..default.parts import parts_hash
+    return parts_hash(folder)
 
 
 def _device_name(device: torch.device) -> str:
