@@ -15,12 +15,15 @@ count, and prints for one 336x336 image and a 32-token question:
   - chat turn-2 time to first token with the kept cache vs re-prefilling everything.
 Every figure is the median of --repeats runs, ours and transformers' run in pairs back to back
 (a slow spell of a shared machine hits both sides of a pair); the ratios are the medians of
-the pairs' ratios. Decode length is forced (no EOS stop).
+the pairs' ratios. Decode length is forced (no EOS stop). `--busy N` runs N processes of
+one-thread fp32 matrix products beside the timings: a machine shared with other work.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import multiprocessing as mp
 import os
 import statistics
 import sys
@@ -237,6 +240,30 @@ def time_chat(model, processor, image, device, repeats):
     return statistics.median(kept[1:]), statistics.median(fresh[1:])
 
 
+def _spin(stop) -> None:
+    torch.set_num_threads(1)
+    a = torch.randn(384, 384)
+    while not stop.is_set():
+        a = torch.tanh(a @ a)
+
+
+@contextlib.contextmanager
+def busy(n: int):
+    """n processes multiplying matrices on one thread each until the block ends."""
+    ctx = mp.get_context("spawn")
+    stop = ctx.Event()
+    procs = [ctx.Process(target=_spin, args=(stop,), daemon=True) for _ in range(n)]
+    for p in procs:
+        p.start()
+    time.sleep(3.0 if n else 0.0)  # their imports done, the load on
+    try:
+        yield
+    finally:
+        stop.set()
+        for p in procs:
+            p.join(timeout=10)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="a llava-hf folder or 'default'; else a random --shape")
@@ -249,6 +276,8 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--int8", action="store_true", help="llava_core with weight-only int8 (transformers as --dtype)")
+    ap.add_argument("--busy", type=int, default=0, metavar="N",
+                    help="N one-thread matmul processes beside the timings (a shared, loaded machine)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
@@ -282,13 +311,16 @@ def main(argv=None):
     # Paired runs, ours then transformers' back to back, after one warm-up each: a slow spell of
     # a shared machine then slows both sides of a pair, and the ratio is the median of the pairs'.
     ours, theirs = [], []
-    for i in range(args.repeats + 1):
-        ours.append(run_ours(model, processor, question, image, args.new_tokens, args.device))
-        if hf is not None:
-            theirs.append(run_hf(hf, processor, question, image, args.new_tokens, args.device))
+    with busy(args.busy):
+        if args.busy:
+            print(f"{args.busy} busy process(es) beside the timings (--busy)")
+        for i in range(args.repeats + 1):
+            ours.append(run_ours(model, processor, question, image, args.new_tokens, args.device))
+            if hf is not None:
+                theirs.append(run_hf(hf, processor, question, image, args.new_tokens, args.device))
+        bw = read_bandwidth(args.device)
     ours, theirs = ours[1:], theirs[1:]
     ttft, tps, n_prompt = statistics.median(r[0] for r in ours), statistics.median(r[1] for r in ours), ours[0][2]
-    bw = read_bandwidth(args.device)
     weight_bytes = decoder_bytes(model)
     bound = bw * 1e9 / weight_bytes
     print(f"prompt: {n_prompt} tokens ({model.cfg.num_image_tokens} image tokens), {args.new_tokens} new tokens; "

@@ -149,6 +149,27 @@ def test_decode_layers_equals_the_torch_path(dtype, padded, monkeypatch, isa):
         assert (a - b).abs().max() <= tol * b.abs().max()
 
 
+def test_decode_layers_is_right_and_finishes_with_more_threads_than_cores(monkeypatch):
+    """Twice as many threads as cores: a thread waits at the phase barriers while the one it
+    waits for is descheduled, past the spin, so it sleeps on the futex and must be woken. The
+    steps must finish (a lost wake-up hangs; the decode runs in a thread joined with a timeout)
+    and equal the torch path's as in the test above."""
+
+    dec, threads, box = _decoder(torch.float32), torch.get_num_threads(), {}
+    torch.set_num_threads(2 * (os.cpu_count() or 1))
+    try:
+        worker = threading.Thread(target=lambda: box.update(fast=_decode(dec, torch.float32, 20, True, monkeypatch)),
+                                  daemon=True)
+        worker.start()
+        worker.join(timeout=120)
+        assert not worker.is_alive(), "decode_layers hung at a barrier"
+    finally:
+        torch.set_num_threads(threads)
+    plain = _decode(dec, torch.float32, 20, False, monkeypatch)
+    for a, b in zip(box["fast"], plain):
+        assert (a - b).abs().max() <= 1e-5 * b.abs().max()
+
+
 def test_decode_layers_runs_once_per_token_and_block_by_block_for_hooks(monkeypatch):
     dec = _decoder(torch.float32)
     calls = []

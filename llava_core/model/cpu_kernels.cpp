@@ -9,6 +9,12 @@
 #include <type_traits>
 #include <thread>
 #include <vector>
+#ifdef __linux__
+#include <climits>
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 using bf16 = at::BFloat16;
 
@@ -361,24 +367,46 @@ std::vector<torch::Tensor> gemv(torch::Tensor x, std::vector<torch::Tensor> ws, 
 // Every value is rounded to the activations' dtype T where torch's operations round it
 // (llama.Block), so only the order of the fp32 sums differs from the torch path.
 
-// Sense-reversing barrier. The wait between two phases is microseconds, so it spins; after
-// kSpins pauses it yields the core each round instead (other processes sharing the cores).
+// Sense-reversing barrier. The wait between two phases is microseconds, so a thread first
+// spins; after kSpins pauses (~0.1-0.2 ms) it sleeps on a futex until the last thread arrives
+// and wakes it. It used to yield instead: on a machine shared with other work the yielding
+// thread stayed runnable and took turns on the cores that the thread it waited for needed, and
+// with two busy processes beside it decode fell to 14 tok/s, 0.66x transformers' (sleeping:
+// ~21-24 tok/s; alone, either way ~50). benchmarks/bench_generate.py --busy 2. Off Linux it yields.
 class SpinBarrier {
  public:
   void expect(int n) { n_.store(n, std::memory_order_relaxed); }  // every thread, before its first wait
   void wait(int& sense) {  // sense: the thread's own flag, starting at 0
-    static constexpr int kSpins = 1 << 14;
+    static constexpr int kSpins = 1 << 12;
     sense ^= 1;
     if (arrived_.fetch_add(1, std::memory_order_acq_rel) == n_.load(std::memory_order_relaxed) - 1) {
       arrived_.store(0, std::memory_order_relaxed);
-      phase_.store(sense, std::memory_order_release);
-    } else {
-      for (int spins = 0; phase_.load(std::memory_order_acquire) != sense; ++spins)
-        if (spins < kSpins) _mm_pause(); else std::this_thread::yield();
+      phase_.store(sense, std::memory_order_seq_cst);  // then read sleepers_: one of the two sees the other
+      if (sleepers_.load(std::memory_order_seq_cst) > 0) wake_all();
+      return;
+    }
+    for (int spins = 0; phase_.load(std::memory_order_acquire) != sense; ++spins) {
+      if (spins < kSpins) {
+        _mm_pause();
+        continue;
+      }
+      sleepers_.fetch_add(1, std::memory_order_seq_cst);
+      sleep_while(sense ^ 1);  // returns at once if the phase has already moved on
+      sleepers_.fetch_sub(1, std::memory_order_relaxed);
     }
   }
+
  private:
-  std::atomic<int> n_{1}, arrived_{0}, phase_{0};
+#ifdef __linux__
+  int* word() { return reinterpret_cast<int*>(&phase_); }
+  void sleep_while(int old) { syscall(SYS_futex, word(), FUTEX_WAIT_PRIVATE, old, nullptr, nullptr, 0); }
+  void wake_all() { syscall(SYS_futex, word(), FUTEX_WAKE_PRIVATE, INT_MAX, nullptr, nullptr, 0); }
+#else
+  void sleep_while(int) { std::this_thread::yield(); }
+  void wake_all() {}
+#endif
+  std::atomic<int> n_{1}, arrived_{0}, phase_{0}, sleepers_{0};
+  static_assert(sizeof(std::atomic<int>) == sizeof(int), "the futex word is phase_'s int");
 };
 
 static inline void share(int64_t n, int tid, int nt, int64_t& lo, int64_t& hi) {  // thread tid's part of [0, n)

@@ -22,8 +22,9 @@ The kernels (C++ in cpu_kernels.cpp beside this file):
 - `decode_layers(...)`: a decode step through consecutive decoder blocks in one call: RMSNorm,
   q/k/v, rotary, the cache write, grouped-query attention (with the padding mask of a
   left-padded batch), o_proj, SwiGLU, down_proj and both residuals, with the same products.
-  The threads start once per call and meet at spin barriers between phases (five per block),
-  where one fork/join per product cost most of a small model's step.
+  The threads start once per call and meet at barriers between phases (five per block),
+  where one fork/join per product cost most of a small model's step. A waiting thread spins
+  briefly, then sleeps until woken, so that the cores go to whoever needs them on a shared machine.
 llama.LlamaDecoder calls it once per token for all its blocks (llama.Block once per block when
 a probe needs each block's output). The arithmetic is the same (fp32 accumulation, one rounding
 where torch rounds); only summation order differs (tests/test_cpu_kernels.py checks both paths
