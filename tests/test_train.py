@@ -835,6 +835,8 @@ def test_run_recipe_takes_a_parts_folders_tower_in_place_of_stage0(tmp_path, pro
     assert budgets[0] is None and budgets[3] is None and budgets[1] + budgets[2] == pytest.approx(360.0)
     with pytest.raises(FileNotFoundError, match="nowhere/parts.safetensors"):
         run_recipe(tmp_path / "run2", dataclasses.replace(recipe, tower=str(tmp_path / "nowhere")), **kw)
+    with pytest.raises(ValueError, match="set stage0=None"):  # a tower to take and one to train
+        run_recipe(tmp_path / "run3", dataclasses.replace(recipe, stage0=stage0_cfg(2)), **kw)
     # load_tower itself: the folder's tower in, the model's own projector kept
     fresh = tiny_model(processor)
     projector = copy.deepcopy(fresh.projector.state_dict())

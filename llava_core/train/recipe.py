@@ -279,6 +279,8 @@ def run_recipe(out_dir: str | Path, recipe: Recipe | None = None, stages=STAGES,
         summary["stages"] = dict(old.get("stages", {}))  # stages run now replace their entries
 
     visual_file = train_dir / "stage0_visual.safetensors"
+    if recipe.tower is not None:
+        _tower_folder(recipe)  # refuses a recipe that also trains a tower, before anything runs
     if 0 in stages and recipe.stage0 is None:  # the tower trained before, as stage 0's output
         folder = _tower_folder(recipe)
         if dist.main and not (resume and visual_file.is_file()):
@@ -371,6 +373,8 @@ def _load_tuned(model, state: dict, path: Path) -> None:
 def _tower_folder(recipe: Recipe) -> Path:
     if recipe.tower is None:
         raise ValueError(f"recipe {recipe.name!r}: stage0 is None and no `tower` folder to take the tower from")
+    if recipe.stage0 is not None:
+        raise ValueError(f"recipe {recipe.name!r}: tower={recipe.tower!r} and a stage0 to train one; set stage0=None")
     if recipe.tower == "default":
         from ..default.cache import default_parts_folder
         return default_parts_folder()
