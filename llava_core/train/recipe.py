@@ -186,9 +186,9 @@ def quick_recipe() -> Recipe:
     """LLaVA's own recipe in a 28-minute budget on two CPU cores: the shipped model's trained
     tower in place of stage 0 (as LLaVA starts from a pretrained CLIP), then stages 1-3 train a
     fresh projector and LoRA (and stage 3 the tower's last block) with the default recipe's
-    settings, each stage's share of the budget as there, so about 44% of their steps. Seed 0 on
-    2 CPU cores (2026-12-07): 58.5% on the test split against the shipped weights' 74.5%
-    (benchmarks/default_model.md)."""
+    settings, each stage's share of the budget as there, so about 44% of their steps. On 2 CPU
+    cores (2026-12-07), seeds 0-2: 58.5 / 54.8 / 52.7% on the test split against the shipped
+    weights' 74.5% (benchmarks/default_model.md)."""
     return Recipe(name="quick", budget_minutes=28.0, probe=False, stage0=None, tower="default")
 
 
@@ -282,11 +282,9 @@ def run_recipe(out_dir: str | Path, recipe: Recipe | None = None, stages=STAGES,
     if recipe.tower is not None:
         _tower_folder(recipe)  # refuses a recipe that also trains a tower, before anything runs
     if 0 in stages and recipe.stage0 is None:  # the tower trained before, as stage 0's output
-        folder = _tower_folder(recipe)
-        if dist.main and not (resume and visual_file.is_file()):
-            _save_tensors(_tower_state(recipe, folder, build_model), visual_file)
+        record = _take_tower(recipe, build_model, visual_file, dist.main and not (resume and visual_file.is_file()))
         dist.barrier()
-        summary["stages"]["0"] = {"tower": recipe.tower, "folder": str(folder), "parts_hash": _parts_hash(folder)}
+        summary["stages"]["0"] = record
     elif 0 in stages:
         if resume and _finished(train_dir / "stage0.ckpt") and visual_file.is_file():
             log.info("stage 0: finished in %s, skipped", train_dir)
@@ -381,17 +379,16 @@ def _tower_folder(recipe: Recipe) -> Path:
     return Path(recipe.tower)
 
 
-def _tower_state(recipe: Recipe, folder: Path, build_model) -> dict:
-    """The vision tower of a parts folder in stage 0's output format (load_visual's)."""
-    from ..default.parts import load_tower
-    model = build_model(recipe)
-    load_tower(model, folder)
-    return {k: v.detach().float() for k, v in model.vision_tower.visual.state_dict().items()}
-
-
-def _parts_hash(folder: Path) -> str:
-    from ..default.parts import parts_hash
-    return parts_hash(folder)
+def _take_tower(recipe: Recipe, build_model, visual_file: Path, write: bool) -> dict:
+    """Stage 0 of a recipe with `tower`: the parts folder's tower written (if `write`) as stage 0's
+    output, in load_visual's format; returns the stage's record for the summary."""
+    from ..default.parts import load_tower, parts_hash
+    folder = _tower_folder(recipe)
+    if write:
+        model = build_model(recipe)
+        load_tower(model, folder)
+        _save_tensors({k: v.detach().float() for k, v in model.vision_tower.visual.state_dict().items()}, visual_file)
+    return {"tower": recipe.tower, "folder": str(folder), "parts_hash": parts_hash(folder)}
 
 
 def _device_name(device: torch.device) -> str:
