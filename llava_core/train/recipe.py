@@ -279,12 +279,14 @@ def run_recipe(out_dir: str | Path, recipe: Recipe | None = None, stages=STAGES,
         summary["stages"] = dict(old.get("stages", {}))  # stages run now replace their entries
 
     visual_file = train_dir / "stage0_visual.safetensors"
-    if recipe.tower is not None:
-        _tower_folder(recipe)  # refuses a recipe that also trains a tower, before anything runs
-    if 0 in stages and recipe.stage0 is None:  # the tower trained before, as stage 0's output
-        record = _take_tower(recipe, build_model, visual_file, dist.main and not (resume and visual_file.is_file()))
+    # no stage 0: the tower of a parts folder (a tower and a stage 0 both are refused before anything runs)
+    folder = _tower_folder(recipe) if recipe.tower is not None or (recipe.stage0 is None and 0 in stages) else None
+    model = None
+    if 0 in stages and folder is not None:  # the tower trained before, as stage 0's output
+        model = build_model(recipe)  # stages 1-3 go on with it
+        summary["stages"]["0"] = _take_tower(model, recipe.tower, folder, visual_file,
+                                             dist.main and not (resume and visual_file.is_file()))
         dist.barrier()
-        summary["stages"]["0"] = record
     elif 0 in stages:
         if resume and _finished(train_dir / "stage0.ckpt") and visual_file.is_file():
             log.info("stage 0: finished in %s, skipped", train_dir)
@@ -302,7 +304,7 @@ def run_recipe(out_dir: str | Path, recipe: Recipe | None = None, stages=STAGES,
     if not ({1, 2, 3} & set(stages)):
         return _write_summary(summary, summary_path, t_start, dist)
 
-    model = build_model(recipe)
+    model = build_model(recipe) if model is None else model
     load_visual(model.vision_tower, _load_tensors(visual_file, 0))
     processor = make_processor(model.cfg)
 
@@ -379,16 +381,14 @@ def _tower_folder(recipe: Recipe) -> Path:
     return Path(recipe.tower)
 
 
-def _take_tower(recipe: Recipe, build_model, visual_file: Path, write: bool) -> dict:
-    """Stage 0 of a recipe with `tower`: the parts folder's tower written (if `write`) as stage 0's
-    output, in load_visual's format; returns the stage's record for the summary."""
+def _take_tower(model, tower: str, folder: Path, visual_file: Path, write: bool) -> dict:
+    """Stage 0 of a recipe with `tower`: the parts folder's tower into `model` and (if `write`)
+    into stage 0's output file, in load_visual's format; returns the stage's record for the summary."""
     from ..default.parts import load_tower, parts_hash
-    folder = _tower_folder(recipe)
     if write:
-        model = build_model(recipe)
         load_tower(model, folder)
         _save_tensors({k: v.detach().float() for k, v in model.vision_tower.visual.state_dict().items()}, visual_file)
-    return {"tower": recipe.tower, "folder": str(folder), "parts_hash": parts_hash(folder)}
+    return {"tower": tower, "folder": str(folder), "parts_hash": parts_hash(folder)}
 
 
 def _device_name(device: torch.device) -> str:
