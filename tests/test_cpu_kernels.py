@@ -154,7 +154,6 @@ def test_decode_layers_is_right_and_finishes_with_more_threads_than_cores(monkey
     waits for is descheduled, past the spin, so it sleeps on the futex and must be woken. The
     steps must finish (a lost wake-up hangs; the decode runs in a thread joined with a timeout)
     and equal the torch path's as in the test above."""
-
     dec, threads, box = _decoder(torch.float32), torch.get_num_threads(), {}
     torch.set_num_threads(2 * (os.cpu_count() or 1))
     try:
