@@ -18,8 +18,9 @@ from llava_core.model.processor import ImageConfig, LlavaProcessor
 from llava_core.model.vision import VisionTower
 from llava_core.testing import LLAVA15_CHAT_TEMPLATE, make_tokenizer
 from llava_core.train import batches as batches_mod
+from llava_core.train import common
 from llava_core.train.batches import IGNORE, answer_loss, encode_conversation
-from llava_core.train.common import LoopConfig, config_differences, lr_factor, read_jsonl
+from llava_core.train.common import LoopConfig, config_differences, lr_factor, read_jsonl, resolve_compile
 from llava_core.train.recipe import Recipe, run_recipe
 from llava_core.train.stage0_clip import (CaptionTokenizer, Stage0Config, TextTowerConfig, build_clip, load_visual,
                                           train_stage0, visual_state)
@@ -263,6 +264,10 @@ def test_replay_sets_the_recorded_steps_and_refuses_other_settings():
         fixed.replay(summary)  # an explicit setting must match
     del summary["recipe"]["stage1"]["autocast"]  # a record from before the setting: fp32
     assert Recipe().replay(summary).stage1.autocast is None
+    summary["recipe"]["stage2"]["compile"] = True  # compile "auto" likewise; a record without it: eager
+    del summary["recipe"]["stage1"]["compile"]
+    r = Recipe().replay(summary)
+    assert (r.stage1.compile, r.stage2.compile) == (None, True)
     del summary["stages"]["1"]["planned_steps"]
     with pytest.raises(ValueError, match="stage 1"):
         Recipe().replay(summary)
@@ -276,6 +281,42 @@ def test_the_shipped_run_replays_with_this_recipe():
         pytest.skip("weights/ holds no trained model")
     r = Recipe().replay(json.loads(shipped.read_text()))
     assert r.budget_minutes is None and r.stage2.loop.stop_at
+
+
+def test_compiled_blocks_train_as_the_eager_ones(tmp_path, processor):
+    """compile=True: stage 2 through torch.compile'd decoder blocks gives the eager run's losses
+    and adapters (fp32; tolerances of sums in another order), the compiler did run, and after the
+    stage the blocks are plain again, so evaluation, caches and hooks see the eager model."""
+    if not resolve_compile("auto"):
+        pytest.skip("torch.compile cannot build CPU kernels here (no C++ compiler)")
+    from torch._dynamo.utils import counters
+    eager, compiled = tiny_model(processor), tiny_model(processor)
+    train_stage2(tmp_path / "e", eager, processor, s2(4), threads=1)
+    torch._dynamo.reset()
+    graphs = counters["stats"]["unique_graphs"]
+    train_stage2(tmp_path / "c", compiled, processor, dataclasses.replace(s2(4), compile=True), threads=1)
+    assert counters["stats"]["unique_graphs"] > graphs
+    a, b = read_jsonl(tmp_path / "e" / "stage2.jsonl"), read_jsonl(tmp_path / "c" / "stage2.jsonl")
+    assert len(a) == len(b) == 4 and max(abs(x["loss"] - y["loss"]) for x, y in zip(a, b)) <= 1e-4
+    after = lora_state(compiled.language_model)
+    for k, v in lora_state(eager.language_model).items():
+        torch.testing.assert_close(after[k], v, rtol=1e-3, atol=1e-5, msg=k)
+    assert not any("forward" in vars(block) for block in compiled.language_model.layers)
+
+
+def test_resolve_compile(monkeypatch):
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.delenv("LLAVA_CORE_COMPILE", raising=False)
+    monkeypatch.setattr(common.shutil, "which", lambda name: None)  # no C++ compiler
+    assert resolve_compile("auto", "cpu") is False and resolve_compile("auto", "cuda") is True
+    with pytest.raises(ValueError, match=r"compile=True: .*C\+\+ compiler"):
+        resolve_compile(True, "cpu")
+    monkeypatch.setattr(common.shutil, "which", lambda name: f"/usr/bin/{name}")
+    assert resolve_compile("auto", "cpu") is True and resolve_compile(True, "cpu") is True
+    monkeypatch.setenv("LLAVA_CORE_COMPILE", "0")
+    assert resolve_compile("auto", "cpu") is False and resolve_compile(None) is False
+    with pytest.raises(ValueError, match="compile='yes'"):
+        resolve_compile("yes")
 
 
 def test_stop_at_cuts_the_schedule_where_a_budget_did(tmp_path, processor):

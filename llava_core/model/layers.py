@@ -6,19 +6,26 @@ docstring), so a checkpoint loads into it as into nn.Linear.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from . import cpu_kernels
 
+_FAST_BF16: bool | None = None  # cpu_has_fast_bf16's answer, once known
 
-@functools.cache
+
 def cpu_has_fast_bf16() -> bool:
     """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX). Without it (AVX2 machines),
-    torch's bf16 matmul ran at 19 GFLOP/s here against 118 for fp32."""
+    torch's bf16 matmul ran at 19 GFLOP/s here against 118 for fp32. Kept in a plain global, not
+    functools.cache: torch.compile reads a global as a constant and traces a cached call."""
+    global _FAST_BF16
+    if _FAST_BF16 is None:
+        _FAST_BF16 = _fast_bf16()
+    return _FAST_BF16
+
+
+def _fast_bf16() -> bool:
     flags = cpu_kernels.cpu_flags()
     if flags is None:
         return True  # not Linux: assume the vendor library is fast

@@ -46,7 +46,7 @@ import torch
 from ..atomic import atomic_write_text
 from ..data import INSTRUCT_MIX
 from ..model.config import VisionConfig
-from .common import LoopConfig, config_differences, resolve_autocast, setup_torch
+from .common import LoopConfig, config_differences, resolve_autocast, resolve_compile, setup_torch
 from .dist import Dist, init_distributed
 from .stage0_clip import Stage0Config, load_visual, train_stage0, visual_state
 from .stage1_align import Stage1Config, train_stage1
@@ -92,9 +92,9 @@ class Recipe:
     # shipped weights/), its vision tower taken as stage 0's output, as LLaVA takes a pretrained
     # CLIP; its projector and LoRA are not read, stages 1-3 train fresh ones
     tower: str | None = None
-    # stages 1-2 compute in bf16 where the CPU has native bf16 (0.64x the step time there,
-    # benchmarks/README.md), in fp32 elsewhere; the run records which
-    stage1: Stage1Config = field(default_factory=lambda: Stage1Config(autocast="auto"))
+    # stages 1-3 compute in bf16 where the CPU has it natively (0.64x the fp32 step time), and the
+    # decoder's blocks go through torch.compile where they can (0.70x again): benchmarks/README.md
+    stage1: Stage1Config = field(default_factory=lambda: Stage1Config(autocast="auto", compile="auto"))
     # stage 2's learning rates at 3x Stage2Config's: rerun from one tower and stage-1 projector
     # for the same 411 steps, 1x / 2x / 3x / 4x gave 41.0 / 44.1 / 45.7 / 42.6% on the test
     # split and 252 / 275 / 287 / 260 right of 569 over test, held-out and shifted
@@ -103,7 +103,7 @@ class Recipe:
     # the natural questions a user asks first ("What shapes are in the image?", "Is there a
     # star?", "There is no circle."), absence at 0.05: at 0.25 it said "There is no X" where X was.
     stage2: Stage2Config = field(default_factory=lambda: Stage2Config(
-        lr=1.5e-3, projector_lr=6e-4, autocast="auto",
+        lr=1.5e-3, projector_lr=6e-4, autocast="auto", compile="auto",
         mix={**INSTRUCT_MIX, "ocr": 2.0, "document": 2.0, "list": 0.5, "presence": 0.5, "absent": 0.05}))
     # stage 3, reading: a fresh schedule for stage 2's projector and adapters, and the tower's
     # last block, on a mix where more than half the images are words and documents, on samples
@@ -113,7 +113,7 @@ class Recipe:
     # documents 17 -> 22 of 47, 393 -> 407 right of 569; without the tower block, 2 of 37 and
     # 396 (one training each; benchmarks/default_model.md, "Stage 3: reading").
     stage3: Stage2Config | None = field(default_factory=lambda: Stage2Config(
-        lr=1.5e-3, projector_lr=6e-4, autocast="auto", curriculum=0.0, offset=30_000_000,
+        lr=1.5e-3, projector_lr=6e-4, autocast="auto", compile="auto", curriculum=0.0, offset=30_000_000,
         train_tower_blocks=1, tower_lr=1e-4,
         mix={**INSTRUCT_MIX, "ocr": 12.0, "document": 4.0, "list": 0.5, "presence": 0.5, "absent": 0.05}))
     probe: bool = True  # linear probes of the tower after stage 0 (~1 min)
@@ -130,8 +130,9 @@ class Recipe:
         its budget is then reproduced on any machine, however fast or loaded."""
         recorded = summary.get("recipe", {})
         for s, cfg in self.autocast_stages().items():
-            if cfg.autocast == "auto":  # chosen per machine; the replay uses what the run used
-                cfg.autocast = recorded.get(f"stage{s}", {}).get("autocast")
+            for key in ("autocast", "compile"):  # "auto" is chosen per machine: replay what the run used
+                if getattr(cfg, key) == "auto":
+                    setattr(cfg, key, recorded.get(f"stage{s}", {}).get(key))
         # the budget only sets step counts, and a replay pins those: a run made under another
         # budget or split replays as long as everything that computes is the same. Threads
         # change only the order of a sum (a replay on other threads is close, not bit for bit)
@@ -163,7 +164,7 @@ class Recipe:
         return {s: cfg for s, cfg in stages.items() if cfg is not None}
 
     def autocast_stages(self) -> dict:
-        """The stages with an `autocast` setting (those that run the decoder)."""
+        """The stages with `autocast` and `compile` settings (those that run the decoder)."""
         return {s: cfg for s, cfg in self.stage_configs().items() if s > 0}
 
     def stage_budgets(self, stages=STAGES) -> dict[int, float | None]:
@@ -197,9 +198,8 @@ def smoke_recipe() -> Recipe:
     r = Recipe(name="smoke", budget_minutes=None, probe=False, eval_samples=16)
     r.stage0.loop = LoopConfig(steps=10, warmup=5, ckpt_every=5)
     r.stage0.batch_size = 32
-    r.stage1.loop = LoopConfig(steps=6, warmup=3, ckpt_every=3)
-    r.stage2.loop = LoopConfig(steps=6, warmup=3, ckpt_every=3)
-    r.stage3.loop = LoopConfig(steps=6, warmup=3, ckpt_every=3)
+    for cfg in (r.stage1, r.stage2, r.stage3):
+        cfg.loop = LoopConfig(steps=6, warmup=3, ckpt_every=3)
     return r
 
 
@@ -264,6 +264,7 @@ def run_recipe(out_dir: str | Path, recipe: Recipe | None = None, stages=STAGES,
     dist = init_distributed(device)
     for cfg in recipe.autocast_stages().values():  # "auto" recorded as what it chose on this machine
         cfg.autocast = resolve_autocast(cfg.autocast, dist.device.type)
+        cfg.compile = resolve_compile(cfg.compile, dist.device.type)
     stages = tuple(sorted(set(stages)))
     out, train_dir = Path(out_dir), Path(out_dir) / "train"
     setup_torch(recipe.threads, recipe.seed)

@@ -23,7 +23,7 @@ import torch.nn as nn
 
 from ..data import DataConfig
 from .batches import ChatBatches, answer_loss
-from .common import LoopConfig, autocast_dtype, set_trainable, setup_torch, train_loop
+from .common import LoopConfig, autocast_dtype, compiled_blocks, resolve_compile, set_trainable, setup_torch, train_loop
 from .dist import Dist, init_distributed, to_device, wrap_ddp
 
 log = logging.getLogger(__name__)
@@ -44,6 +44,8 @@ class Stage1Config:
     # optimizer stay fp32); "auto": bfloat16 where the CPU has native bf16, else fp32
     # (common.resolve_autocast). The frozen decoder's matmuls are most of a step.
     autocast: str | None = None
+    # True / "auto": the decoder's blocks through torch.compile during the stage (common.resolve_compile)
+    compile: bool | str = False
     split: str = "train"
     offset: int = 10_000_000  # first sample index: away from stage 0's pairs
     seed: int = 0
@@ -139,8 +141,9 @@ def train_stage1(out_dir: str | Path, model, processor, cfg: Stage1Config, resum
                 **metrics}
 
     state = lambda: {k: v.detach().clone() for k, v in model.projector.state_dict().items()}  # noqa: E731
-    result = train_loop("stage1", out_dir, cfg.loop, step_fn, opt, params, state=state,
-                        load_state=lambda s: model.projector.load_state_dict(s, strict=True),
-                        resume=resume, dist=dist, meta={"stage1": asdict(cfg)})
+    with compiled_blocks(model.language_model, resolve_compile(cfg.compile, dist.device.type)):
+        result = train_loop("stage1", out_dir, cfg.loop, step_fn, opt, params, state=state,
+                            load_state=lambda s: model.projector.load_state_dict(s, strict=True),
+                            resume=resume, dist=dist, meta={"stage1": asdict(cfg)})
     set_trainable(model.projector, False)
     return result

@@ -29,7 +29,7 @@ import torch.nn as nn
 
 from ..data import INSTRUCT_MIX, DataConfig
 from .batches import ChatBatches
-from .common import LoopConfig, set_trainable, setup_torch, train_loop
+from .common import LoopConfig, compiled_blocks, resolve_compile, set_trainable, setup_torch, train_loop
 from .dist import Dist, init_distributed, to_device, wrap_ddp
 from .stage1_align import AnswerStep
 
@@ -61,6 +61,7 @@ class Stage2Config:
     train_tower_blocks: int = 0  # > 0: also train the tower's last k blocks (LLaVA keeps it frozen)
     tower_lr: float = 1e-4
     autocast: str | None = None  # "bfloat16"/"auto": the step's forward under torch.autocast (Stage1Config)
+    compile: bool | str = False  # True / "auto": the decoder's blocks through torch.compile (Stage1Config)
     bucket: int = 8
     max_len: int | None = None
     split: str = "train"
@@ -189,7 +190,8 @@ def train_stage2(out_dir: str | Path, model, processor, cfg: Stage2Config, resum
         if out.unexpected_keys:
             raise ValueError(f"{name} checkpoint holds tensors the model lacks: {out.unexpected_keys[:5]}")
 
-    result = train_loop(name, out_dir, cfg.loop, step_fn, opt, params, state=state, load_state=load_state,
-                        resume=resume, dist=dist, meta={name: asdict(cfg)})
+    with compiled_blocks(model.language_model, resolve_compile(cfg.compile, dist.device.type)):
+        result = train_loop(name, out_dir, cfg.loop, step_fn, opt, params, state=state, load_state=load_state,
+                            resume=resume, dist=dist, meta={name: asdict(cfg)})
     set_trainable(model, False)
     return result, lcfg
