@@ -890,10 +890,11 @@ def test_run_recipe_takes_a_parts_folders_tower_in_place_of_stage0(tmp_path, pro
 def test_run_recipe_on_cuda_trains_there_and_saves_from_the_cpu(tmp_path, processor):
     """The tiny recipe on the GPU, stage 0's batches drawn by two workers: the same first loss
     as on the CPU (same weights, same batch; 1e-3 relative allows TF32 convolutions), "auto"
-    autocast becomes bf16, every stage runs its steps, and the parts reach `save` on the CPU."""
+    autocast becomes bf16 and "auto" compile on (stage 2 runs compiled blocks), every stage runs
+    its steps, and the parts reach `save` on the CPU."""
     recipe = Recipe(vision=VISION, budget_minutes=None, probe=False, eval_samples=4, threads=1,
-                    stage0=stage0_cfg(4), stage1=s1(3), stage2=dataclasses.replace(s2(3), autocast="auto"),
-                    stage3=None)
+                    stage0=stage0_cfg(4), stage1=s1(3),
+                    stage2=dataclasses.replace(s2(3), autocast="auto", compile="auto"), stage3=None)
     saved = {}
 
     def save(model, folder, lora, lora_cfg, extra_files):
@@ -906,6 +907,7 @@ def test_run_recipe_on_cuda_trains_there_and_saves_from_the_cpu(tmp_path, proces
     assert summary["device"] == torch.cuda.get_device_name()
     assert [summary["stages"][str(s)]["steps"] for s in (0, 1, 2)] == [4, 3, 3]
     assert summary["recipe"]["stage2"]["autocast"] == ("bfloat16" if torch.cuda.is_bf16_supported() else None)
+    assert summary["recipe"]["stage2"]["compile"] is True
     gpu, cpu = losses(tmp_path / "gpu" / "train", "stage0"), losses(tmp_path / "cpu" / "train", "stage0")
     assert abs(gpu[0] - cpu[0]) <= 1e-3 * abs(cpu[0])
     assert saved == {"devices": {"cpu"}, "lora": {"cpu"}}
