@@ -94,7 +94,7 @@ def autocast_dtype(name: str | None, device_type: str = "cpu") -> torch.dtype | 
 def resolve_compile(setting: bool | str | None, device_type: str = "cpu") -> bool:
     """A stage config's `compile` setting -> whether its steps run the decoder's blocks through
     torch.compile: "auto" where inductor can build kernels (a GPU; a CPU with a C++ compiler)
-    unless LLAVA_CORE_COMPILE=0. On this project's CPU a stage-2 step took 0.70x the time of
+    unless LLAVA_CORE_COMPILE=0. On this project's CPU a stage-2 step took 0.69x the time of
     the eager bf16 one (benchmarks/train_step_dtype.py)."""
     if setting == "auto":
         if os.environ.get("LLAVA_CORE_COMPILE", "1") == "0":

@@ -93,7 +93,7 @@ class Recipe:
     # CLIP; its projector and LoRA are not read, stages 1-3 train fresh ones
     tower: str | None = None
     # stages 1-3 compute in bf16 where the CPU has it natively (0.64x the fp32 step time), and the
-    # decoder's blocks go through torch.compile where they can (0.70x again): benchmarks/README.md
+    # decoder's blocks go through torch.compile where they can (0.69x again): benchmarks/README.md
     stage1: Stage1Config = field(default_factory=lambda: Stage1Config(autocast="auto", compile="auto"))
     # stage 2's learning rates at 3x Stage2Config's: rerun from one tower and stage-1 projector
     # for the same 411 steps, 1x / 2x / 3x / 4x gave 41.0 / 44.1 / 45.7 / 42.6% on the test
