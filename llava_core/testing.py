@@ -218,20 +218,27 @@ MISTRAL_TEMPLATE = (
 
 
 def transformers_embeds(hf, input_ids: torch.Tensor, pixel_values: torch.Tensor, image_token_index: int,
-                        projector: str = "mlp2x_gelu") -> torch.Tensor:
+                        projector: str = "mlp2x_gelu", newline: torch.Tensor | None = None) -> torch.Tensor:
     """The input embeddings transformers' LlavaForConditionalGeneration `hf` would build for one
     prompt, with its own tower and MLP's image features in the image tokens' places; for
     `mlp2x_gelu_cols` (MLP tensors as mlp2x_gelu's, which transformers loads) the features
-    follow again in column-major order. The oracle for models transformers cannot run whole.
+    follow again in column-major order; for `mlp2x_gelu_newline` the vector `newline` (D,), read
+    from the checkpoint by the caller (transformers' Llava has no such tensor), follows each row.
+    The oracle for models transformers cannot run whole.
     input_ids (1, T), pixel_values (1, 3, H, W) -> (1, T, D)."""
     feats = hf.get_image_features(pixel_values=pixel_values, vision_feature_layer=hf.config.vision_feature_layer,
                                   vision_feature_select_strategy=hf.config.vision_feature_select_strategy)
     feats = feats.pooler_output[0]  # (N, D)
+    side = round(feats.shape[0] ** 0.5)
     if projector == "mlp2x_gelu_cols":
         from .research.token_order import reorder_grid
 
-        side = round(feats.shape[0] ** 0.5)
         feats = torch.cat([feats, reorder_grid(feats[None], side, side, "transposed")[0]])  # (2N, D)
+    elif projector == "mlp2x_gelu_newline":
+        if newline is None:
+            raise ValueError("transformers_embeds: projector 'mlp2x_gelu_newline' needs its newline vector")
+        rows = feats.view(side, side, -1)  # (s, s, D)
+        feats = torch.cat([rows, newline.to(feats.dtype).expand(side, 1, -1)], dim=1).flatten(0, 1)  # (s*(s+1), D)
     elif projector != "mlp2x_gelu":
         raise ValueError(f"transformers_embeds: projector {projector!r}: transformers has no counterpart")
     image = input_ids == image_token_index

@@ -26,6 +26,7 @@ CASES = {
     "mlp3x_gelu": ("mlp3x_gelu", {}, 16),
     "mlp2x_gelu_pos": ("mlp2x_gelu_pos", {}, 16),
     "mlp2x_gelu_cols": ("mlp2x_gelu_cols", {}, 32),
+    "mlp2x_gelu_newline": ("mlp2x_gelu_newline", {}, 20),  # 4 rows of 4 + 1
     "mlp2x_gelu_full": ("mlp2x_gelu", dict(vision_feature_select_strategy="full"), 17),
     "identity": ("identity", dict(vision_feature_layer=[-2, -3]), 16),  # 2 x 32-d = the 64-d text width
     "avgpool2_mlp2x_gelu": ("avgpool2_mlp2x_gelu", {}, 4),
@@ -207,6 +208,57 @@ def test_columns_model_matches_transformers_given_the_same_two_runs(base, tmp_pa
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
 
 
+def test_newline_projector_ends_each_row_with_its_learned_vector(base):
+    """mlp2x_gelu_newline = mlp2x_gelu's 16 tokens (same weights), row r's token c at place r*5 + c,
+    and image_newline at places 4, 9, 14, 19; it needs the grid size, a square grid and no CLS."""
+    torch.manual_seed(0)
+    nl = build_projector(ProjectorConfig(kind="mlp2x_gelu_newline"), 32, 64, n_tokens=16)
+    plain = build_projector(ProjectorConfig(kind="mlp2x_gelu"), 32, 64)
+    assert nl.image_newline.shape == (64,) and 0.5 < float(nl.image_newline.norm()) < 2  # std 1/√64
+    plain.load_state_dict({k: v for k, v in nl.state_dict().items() if k.startswith("linear_")})
+    with torch.no_grad():
+        x = torch.randn(2, 16, 32)  # (B, N, Dv)
+        y, want = nl(x), plain(x)  # (B, 20, 64), (B, 16, 64)
+    assert y.shape == (2, 20, 64)
+    for r in range(4):
+        assert torch.equal(y[:, r * 5 + 4], nl.image_newline.expand(2, 64)), r
+        for c in range(4):
+            assert torch.equal(y[:, r * 5 + c], want[:, r * 4 + c]), (r, c)
+    nl(x).sum().backward()  # the newline is in 2 images x 4 rows
+    assert nl.image_newline.grad is not None and torch.equal(nl.image_newline.grad, torch.full((64,), 8.0))
+    with pytest.raises(ConfigError, match=r"mlp2x_gelu_newline.*n_tokens"):
+        build_projector(ProjectorConfig(kind="mlp2x_gelu_newline"), 32, 64)
+    with pytest.raises(ConfigError, match=r"4x4 patch grid, got 9 tokens"):
+        nl(torch.randn(1, 9, 32))
+    with pytest.raises(ConfigError, match=r"mlp2x_gelu_newline.*CLS.*'full'"):
+        config(base, "mlp2x_gelu_newline", vision_feature_select_strategy="full")
+
+
+def test_newline_model_matches_transformers_given_the_same_newline(base, tmp_path):
+    """Oracle for a whole mlp2x_gelu_newline model: transformers' LlavaForConditionalGeneration on
+    its exported checkpoint computes the tower, the MLP and the decoder; the newline vector is read
+    from the checkpoint file (transformers' Llava skips it) and put after each row here. Logits at
+    every place agree to 1e-4 (fp32)."""
+    from safetensors.torch import load_file
+    from transformers import LlavaForConditionalGeneration
+
+    model = random_model(config(base, "mlp2x_gelu_newline"))
+    folder = checkpoint(base, model, tmp_path / "ckpt")
+    tensors = {k: v for f in folder.glob("*.safetensors") for k, v in load_file(f).items()}
+    newline = tensors["multi_modal_projector.image_newline"]  # (D,)
+    hf = LlavaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
+    proc = LlavaProcessor.from_pretrained(folder)
+    enc = proc(text=proc.prompt("What is in the image?"), images=image())
+    ids = enc["input_ids"]
+    with torch.no_grad():
+        ours = model(ids, enc["pixel_values"], enc["attention_mask"])  # (1, T, V)
+        embeds = transformers_embeds(hf, ids, enc["pixel_values"], proc.cfg.image_token_index,
+                                     "mlp2x_gelu_newline", newline=newline)
+        theirs = hf(inputs_embeds=embeds, attention_mask=enc["attention_mask"]).logits
+    assert int((ids == proc.cfg.image_token_index).sum()) == 20
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
+
+
 def test_grid_that_does_not_divide(base):
     with pytest.raises(ConfigError, match=r"avgpool3_mlp2x_gelu.*4x4.*N=16.*divide by 3"):
         config(base, "avgpool3_mlp2x_gelu")
@@ -218,7 +270,8 @@ def test_grid_that_does_not_divide(base):
 
 def test_unknown_projector_lists_the_known_names(base, tmp_path):
     with pytest.raises(ConfigError, match=r"'mlp2x_relu' is unknown; known: linear, mlpNx_gelu, "
-                                          r"mlpNx_gelu_pos, mlpNx_gelu_cols, identity, avgpoolK_mlp2x_gelu, shuffleK_mlp2x_gelu, "
+                                          r"mlpNx_gelu_pos, mlpNx_gelu_cols, mlpNx_gelu_newline, identity, "
+                                          r"avgpoolK_mlp2x_gelu, shuffleK_mlp2x_gelu, "
                                           r"cabstractor\[M\], ldp, resamplerQ"):
         ProjectorConfig(kind="mlp2x_relu")
     d = json.loads((base / "config.json").read_text())

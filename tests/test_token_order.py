@@ -46,11 +46,37 @@ def test_reorder_of_a_grid_and_its_column_major_twin_is_the_twin_of_the_reordere
     torch.testing.assert_close(reorder_grid(twice, 3, 3, mode), rebuilt, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("args, message", [((2, 2, "none"), "6 tokens per image"),
+@pytest.mark.parametrize("mode", ["none", "rows_reversed", "cols_reversed", "transposed"])
+def test_reorder_with_newline_tokens_moves_the_grid_and_keeps_a_newline_ending_each_row(mode):
+    """mlpNx_gelu_newline ends each row with a learned token: reordering its s*(s+1) tokens must
+    equal the projector's output on the reordered grid (the newlines stay where rows end)."""
+    from llava_core.model.config import ProjectorConfig
+    from llava_core.model.projector import build_projector
+
+    torch.manual_seed(0)
+    nl = build_projector(ProjectorConfig(kind="mlp2x_gelu_newline"), 4, 8, n_tokens=9)
+    x = torch.randn(2, 9, 4)  # (B, 3x3 grid, Dv)
+    with torch.no_grad():
+        y = nl(x)  # (B, 12, 8)
+        rebuilt = nl(reorder_grid(x, 3, 3, mode))
+    torch.testing.assert_close(reorder_grid(y, 3, 3, mode), rebuilt, rtol=0, atol=0)
+    if mode != "none":
+        assert not torch.equal(reorder_grid(y, 3, 3, mode), y)
+
+
+def test_reorder_of_a_non_square_grid_with_newlines():
+    x = torch.arange(8, dtype=torch.float32).view(1, 8, 1)  # a 2x3 grid, a newline after each row: 0 1 2 N 4 5 6 N
+    assert reorder_grid(x, 2, 3, "cols_reversed").flatten().tolist() == [2, 1, 0, 3, 6, 5, 4, 7]
+    assert reorder_grid(x, 2, 3, "rows_reversed").flatten().tolist() == [4, 5, 6, 3, 0, 1, 2, 7]
+    with pytest.raises(ValueError, match="transposing a 2x3 grid with a newline"):
+        reorder_grid(x, 2, 3, "transposed")
+
+
+@pytest.mark.parametrize("args, message", [((2, 2, "none"), "7 tokens per image"),
                                            ((2, 3, "sideways"), "mode='sideways'")])
 def test_reorder_grid_names_the_bad_argument(args, message):
     with pytest.raises(ValueError, match=message):
-        reorder_grid(torch.zeros(1, 6, 4), *args)
+        reorder_grid(torch.zeros(1, 7, 4), *args)
 
 
 def test_reordered_changes_only_the_token_order_and_restores_the_model(ours):

@@ -107,6 +107,7 @@ PROJECTORS: dict[str, str] = {
     "mlpNx_gelu": r"mlp(?P<n>[1-9]\d*)x_gelu",  # N linear layers, GELU between
     "mlpNx_gelu_pos": r"mlp(?P<n>[1-9]\d*)x_gelu_pos",  # the same, plus a learned row and column embedding
     "mlpNx_gelu_cols": r"mlp(?P<n>[1-9]\d*)x_gelu_cols",  # the same tokens twice: row-major, then column-major
+    "mlpNx_gelu_newline": r"mlp(?P<n>[1-9]\d*)x_gelu_newline",  # the same, a learned token after each row
     "identity": r"identity",  # vision width must equal text width
     "avgpoolK_mlp2x_gelu": r"avgpool(?P<n>[1-9]\d*)_mlp2x_gelu",  # K x K average pooling, then mlp2x_gelu
     # K x K neighbouring patches concatenated (space-to-depth), then mlp2x_gelu from K²·Dv
@@ -117,7 +118,7 @@ PROJECTORS: dict[str, str] = {
 }
 # a square grid, no CLS
 GRID_PROJECTORS = ("avgpoolK_mlp2x_gelu", "shuffleK_mlp2x_gelu", "cabstractor[M]", "ldp", "mlpNx_gelu_pos",
-                   "mlpNx_gelu_cols")
+                   "mlpNx_gelu_cols", "mlpNx_gelu_newline")
 
 
 def parse_projector(kind: str) -> tuple[str, int | None]:
@@ -152,6 +153,8 @@ def projector_tokens(kind: str, n_tokens: int) -> int:
         return n_tokens
     if family == "mlpNx_gelu_cols":
         return 2 * n_tokens
+    if family == "mlpNx_gelu_newline":
+        return side * (side + 1)
     if family in ("avgpoolK_mlp2x_gelu", "shuffleK_mlp2x_gelu", "ldp"):
         k = 2 if family == "ldp" else n  # ldp: one stride-2 conv
         if side % k:

@@ -15,6 +15,7 @@ out; the last two columns for ViT-L/14-336 into a 4096-d decoder (N = 576, Dv = 
 | `mlp{L}x_gelu`          | N                | Dv·Dt + (L-1)·Dt² + L·Dt                   | 576   | 21.0M (L=2) | LLaVA-1.5 |
 | `mlp{L}x_gelu_pos`      | N                | mlp{L}x_gelu's + 2·√N·Dt                   | 576   | 21.2M (L=2) | LLaVA-1.5 + learned row and column embeddings |
 | `mlp{L}x_gelu_cols`     | 2N               | mlp{L}x_gelu's                             | 1152  | 21.0M (L=2) | LLaVA-1.5, its tokens again in column-major order |
+| `mlp{L}x_gelu_newline`  | √N·(√N+1)        | mlp{L}x_gelu's + Dt                        | 600   | 21.0M (L=2) | LLaVA-1.5 + LLaVA-NeXT's learned token after each row |
 | `identity`              | N                | 0 (needs Dv == Dt)                         | -     | -       | - |
 | `avgpool{K}_mlp2x_gelu` | (√N/K)²          | Dv·Dt + Dt² + 2·Dt                         | 144   | 21.0M (K=2) | token-pooling baseline |
 | `shuffle{K}_mlp2x_gelu` | (√N/K)²          | K²·Dv·Dt + Dt² + 2·Dt                      | 144   | 33.6M (K=2) | space-to-depth (pixel shuffle), as Idefics3 and SmolVLM |
@@ -22,7 +23,7 @@ out; the last two columns for ViT-L/14-336 into a 4096-d decoder (N = 576, Dv = 
 | `ldp`                   | (√N/2)²          | Dv·Dt + 3·Dt² + 28·Dt                      | 144   | 54.6M   | MobileVLM LDP (Chu et al. 2023) |
 | `resampler{Q}`          | Q                | Q·Dv + 12·Dv² + 17·Dv + Dv·Dt + Dt² + 2·Dt | 64    | 33.6M (Q=64) | Perceiver resampler (Alayrac et al. 2022) |
 
-The grid projectors (avgpool, shuffle, cabstractor, ldp, mlpNx_gelu_pos, mlpNx_gelu_cols) fold the N tokens into a
+The grid projectors (avgpool, shuffle, cabstractor, ldp, mlpNx_gelu_pos, _cols, _newline) fold the N tokens into a
 √N x √N grid, so N must be a square (a ConfigError names N otherwise) and CLS must be gone: they refuse
 `vision_feature_select_strategy="full"` (ConfigError) rather than drop CLS behind the caller's
 back. The resampler and the per-token projectors take CLS like any other token.
@@ -37,6 +38,7 @@ read: such a checkpoint loads in llava_core only).
     linear, mlpNx_gelu      linear_{1..N}.{weight,bias}
     mlpNx_gelu_pos          linear_{1..N}.*, row_embed, col_embed (each (√N, Dt))
     mlpNx_gelu_cols         linear_{1..N}.* (mlpNx_gelu's keys: its checkpoints load into either)
+    mlpNx_gelu_newline      linear_{1..N}.*, image_newline (Dt)
     identity                (none)
     avgpoolK_mlp2x_gelu     linear_{1,2}.*
     shuffleK_mlp2x_gelu     linear_{1,2}.* (linear_1 is K²·Dv wide: channels of patch (0,0), (0,1), ...)
@@ -56,7 +58,7 @@ from .config import PROJECTORS, ConfigError, ProjectorConfig, grid_side, parse_p
 from .layers import Linear  # nn.Linear with the fp32 path for bf16 on CPUs without native bf16
 
 __all__ = ["PROJECTORS", "build_projector", "MLPProjector", "PositionalMLPProjector", "ColumnsMLPProjector",
-           "IdentityProjector",
+           "NewlineMLPProjector", "IdentityProjector",
            "AvgPoolProjector", "ShuffleProjector",
            "CAbstractor", "LDPProjector", "ResamplerProjector"]
 
@@ -150,6 +152,24 @@ class ColumnsMLPProjector(GridMLPProjector):
         y = super().forward(x)  # (B, s*s, Dt)
         by_column = y.unflatten(1, (self.side, self.side)).transpose(1, 2).flatten(1, 2)  # [c*s + r] = y[r*s + c]
         return torch.cat([y, by_column], dim=1)  # (B, 2*s*s, Dt)
+
+
+class NewlineMLPProjector(GridMLPProjector):
+    """`mlp{depth}x_gelu_newline`: LLaVA-1.5's MLP, then one learned vector after each row of the
+    grid (s rows of s + 1 tokens), as LLaVA-NeXT ends each row of its stitched grid with
+    `image_newline`. A token's column is then its distance from the last newline before it, a
+    relative place such as rotary positions carry, where without it the column is its place
+    modulo s. The vector starts as LLaVA-NeXT's: normal, std 1/√Dt."""
+
+    def __init__(self, kind: str, in_dim: int, out_dim: int, depth: int, n_tokens: int, bias: bool = True):
+        super().__init__(kind, in_dim, out_dim, depth=depth, n_tokens=n_tokens, bias=bias)
+        self.image_newline = nn.Parameter(torch.randn(out_dim) / out_dim ** 0.5)  # (Dt,)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = super().forward(x)  # (B, s*s, Dt)
+        grid = y.unflatten(1, (self.side, self.side))  # (B, s, s, Dt)
+        newline = self.image_newline.to(y.dtype).expand(y.shape[0], self.side, 1, -1)  # (B, s, 1, Dt)
+        return torch.cat([grid, newline], dim=2).flatten(1, 2)  # (B, s*(s+1), Dt)
 
 
 class IdentityProjector(nn.Module):
@@ -350,6 +370,10 @@ def build_projector(cfg: ProjectorConfig, in_dim: int, out_dim: int, n_tokens: i
         if n_tokens is None:
             raise ConfigError(f"projector {kind!r} needs the vision tokens per image (n_tokens) to know its grid")
         return ColumnsMLPProjector(kind, in_dim, out_dim, depth=n, n_tokens=n_tokens, bias=cfg.bias)
+    if family == "mlpNx_gelu_newline":
+        if n_tokens is None:
+            raise ConfigError(f"projector {kind!r} needs the vision tokens per image (n_tokens) to know its grid")
+        return NewlineMLPProjector(kind, in_dim, out_dim, depth=n, n_tokens=n_tokens, bias=cfg.bias)
     if family == "identity":
         if in_dim != out_dim:
             raise ConfigError(f"projector 'identity' needs equal widths, but the vision features are "

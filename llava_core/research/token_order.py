@@ -31,10 +31,18 @@ AXES = (("left/right", "left", "right", "col", 0), ("top/bottom", "top", "bottom
 def reorder_grid(x: torch.Tensor, grid_h: int, grid_w: int, mode: str) -> torch.Tensor:
     """x: (N, P, C) image tokens in row-major order, P = grid_h * grid_w, or 1 + that with a
     leading CLS token (kept first), or twice that (mlpNx_gelu_cols: the grid row-major, then
-    column-major) -> the same tokens in the order `mode` names."""
+    column-major), or grid_h * (grid_w + 1) (mlpNx_gelu_newline: a newline token ending each row,
+    which stays at the end of its row) -> the same tokens in the order `mode` names."""
     if mode not in MODES:
         raise ValueError(f"reorder_grid: mode={mode!r}, expected one of {MODES}")
     n = grid_h * grid_w
+    if x.shape[1] == grid_h * (grid_w + 1) and grid_h > 1 and grid_w > 1:  # not CLS + grid, not 2 grids
+        if mode == "transposed" and grid_h != grid_w:
+            raise ValueError(f"reorder_grid: transposing a {grid_h}x{grid_w} grid with a newline ending each "
+                             "row would change the number of rows, so of newlines")
+        rows = x.unflatten(1, (grid_h, grid_w + 1))  # (N, H, W + 1, C)
+        g = reorder_grid(rows[:, :, :grid_w].flatten(1, 2), grid_h, grid_w, mode)  # (N, H*W, C)
+        return torch.cat([g.unflatten(1, (grid_h, grid_w)), rows[:, :, grid_w:]], dim=2).flatten(1, 2)
     if x.shape[1] == 2 * n:
         # the column-major run is the transposed grid in row-major order, where rows are columns
         twin = {"rows_reversed": "cols_reversed", "cols_reversed": "rows_reversed"}.get(mode, mode)
