@@ -9,6 +9,7 @@ from nothing, then scored on the synthetic suite: a recipe ablation in one comma
     python benchmarks/recipe_variants.py run shipped --out runs/s2 --from runs/r9 --steps-scale 2
     python benchmarks/recipe_variants.py sweep shipped,reader --seeds 0,1,2 --parallel 4 --out runs/v \
         --device cuda --workers 3     # every arm x seed, four runs at a time, then the table
+    python benchmarks/recipe_variants.py sweep shipped,newline --base quick --seeds 0,1,2 --out runs/q
 
 `run NAME` replays weights/training.json (the shipped run's step counts, times --steps-scale),
 applies the variant's change, trains into OUT/NAME (`run_recipe`), and scores the parts with
@@ -20,6 +21,13 @@ its right answers over test, held-out and shifted.
 finished run's), into OUT/NAME_from-RUN: `--steps-scale` and `--seed` then apply to stages 2-3
 only. The tower and projector are then the same in every arm, so arms differ less than full
 trainings do; a variant that changes stage 0 or 1 is refused there.
+
+`--base quick` starts from the quick recipe instead (stages 1-3 on weights/'s tower, fresh
+projector and LoRA, ~24 minutes on 2 CPU cores): the test bed a CPU-only session can afford three
+seeds an arm on. It keeps quick's 28-minute budget, which plans each stage's steps from its
+measured speed, so a variant pays for slower steps in fewer of them; run the arms one after
+another on an otherwise idle machine (`--parallel 1`), since other work on the cores takes
+steps away. Variants that change stage 0 or set step counts are refused there.
 
 A GPU run trains on the same batches as a CPU run but its arithmetic differs, so its numbers
 are not the CPU run's: compare variants trained on the same device, with `shipped` as that
@@ -200,6 +208,15 @@ def kind_questions(r) -> None:
     r.stage3.mix["kind"] = 0.3
 
 
+def newline(r) -> None:
+    """LLaVA-NeXT's learned `image_newline` after each row of the 7x7 grid (`mlp2x_gelu_newline`,
+    56 image tokens): a token's column becomes its distance from the last newline before it, a
+    relative place of the kind the rotary positions carry, from which the decoder already reads
+    rows. Its projector has a tensor mlp2x_gelu's lacks, so it trains from stage 1 (from nothing,
+    or `--base quick`), not `--from` a run's stage-1 projector."""
+    r.projector = "mlp2x_gelu_newline"
+
+
 VARIANTS = {"shipped": lambda r: None, "content_route": content_route, "position_heads": position_heads,
             "position_mix": position_mix, "mirror_twins": mirror_twins, "reading_light": reading_light,
             "lora_r16": lora_r16, "pos_projector": pos_projector,
@@ -208,14 +225,17 @@ VARIANTS = {"shipped": lambda r: None, "content_route": content_route, "position
             "pages_reading_mix": pages_reading_mix, "natural": natural,
             "natural_light": natural_light, "long_pages": long_pages,
             "long_pages_cols": long_pages_cols, "reading_frozen_tower": reading_frozen_tower,
-            "no_reading": no_reading, "reading_long": reading_long, "kind_questions": kind_questions}
+            "no_reading": no_reading, "reading_long": reading_long, "kind_questions": kind_questions,
+            "newline": newline}
 
 
-def variant_recipe(name: str, steps_scale: float = 1.0, seed: int | None = None):
-    from llava_core.train.recipe import default_recipe
-
+def variant_recipe(name: str, steps_scale: float = 1.0, seed: int | None = None, base: str = "default"):
     if name not in VARIANTS:
         raise SystemExit(f"unknown variant {name!r}; choose from {sorted(VARIANTS)}")
+    if base == "quick":
+        return quick_variant(name, steps_scale, seed)
+    from llava_core.train.recipe import default_recipe
+
     recipe = default_recipe().replay(json.loads((ROOT / "weights" / "training.json").read_text()))
     VARIANTS[name](recipe)
     for cfg in recipe.stage_configs().values():
@@ -225,6 +245,26 @@ def variant_recipe(name: str, steps_scale: float = 1.0, seed: int | None = None)
                            warmup=min(loop.warmup, max(1, round(loop.steps * steps_scale)) - 1))
     if seed is not None:
         recipe.set_seed(seed)  # after the replay, which refuses seeds other than the recorded one
+    recipe.probe, recipe.eval_samples = False, 0
+    return recipe
+
+
+def quick_variant(name: str, steps_scale: float, seed: int | None):
+    """The quick recipe (its budget, weights/'s tower) with variant `name` applied."""
+    from llava_core.train.recipe import quick_recipe
+
+    recipe = quick_recipe()
+    loops = {s: cfg.loop for s, cfg in recipe.stage_configs().items()}
+    try:
+        VARIANTS[name](recipe)
+    except AttributeError as e:  # the variant reached for recipe.stage0, which is None here
+        raise SystemExit(f"--base quick: variant {name!r} changes stage 0, which the quick recipe does not "
+                         f"train (its tower is weights/'s): {e}") from e
+    if steps_scale != 1 or any(recipe.stage_configs()[s].loop != loop for s, loop in loops.items()):
+        raise SystemExit(f"--base quick plans each stage's steps from its {recipe.budget_minutes:g}-minute budget; "
+                         f"variant {name!r} or --steps-scale {steps_scale:g} sets them")
+    if seed is not None:
+        recipe.set_seed(seed)
     recipe.probe, recipe.eval_samples = False, 0
     return recipe
 
@@ -271,10 +311,13 @@ def same_projector_parameters(a, b) -> bool:
 def run(args) -> None:
     from llava_core.train.recipe import STAGES, run_recipe
 
-    name = args.name + ("" if args.steps_scale == 1 else f"_x{args.steps_scale:g}")
+    if args.base == "quick" and args.start is not None:
+        raise SystemExit("--from and --base quick: the quick recipe takes its tower from weights/, not from a run")
+    name = ("quick-" if args.base == "quick" else "") + args.name
+    name += "" if args.steps_scale == 1 else f"_x{args.steps_scale:g}"
     name += "" if args.start is None else f"_from-{args.start.name}"
     out = args.out / (name if args.seed is None else f"{name}_seed{args.seed}")
-    recipe = variant_recipe(args.name, args.steps_scale, args.seed)
+    recipe = variant_recipe(args.name, args.steps_scale, args.seed, args.base)
     recipe.threads = args.threads or recipe.threads  # how a step computes, not what: not a variant
     stages = STAGES
     if args.start is not None:
@@ -298,15 +341,18 @@ def sweep(args) -> None:
     if unknown:
         raise SystemExit(f"unknown variants {unknown}; choose from {sorted(VARIANTS)}")
     jobs = [(a, int(s)) for a in arms for s in args.seeds.split(",")]
+    for a in arms:
+        variant_recipe(a, base=args.base)  # a variant the base refuses stops the sweep before any run
+    prefix = "quick-" if args.base == "quick" else ""
     (args.out / "logs").mkdir(parents=True, exist_ok=True)
-    todo = [(a, s) for a, s in jobs if not (args.out / f"{a}_seed{s}" / "eval.json").is_file()]
+    todo = [(a, s) for a, s in jobs if not (args.out / f"{prefix}{a}_seed{s}" / "eval.json").is_file()]
     running, failed = [], []
     while todo or running:
         while todo and len(running) < args.parallel:
             a, s = todo.pop(0)
-            log = open(args.out / "logs" / f"{a}_seed{s}.log", "w")
+            log = open(args.out / "logs" / f"{prefix}{a}_seed{s}.log", "w")
             cmd = [sys.executable, __file__, "run", a, "--seed", str(s), "--out", str(args.out), "--device",
-                   args.device, "--workers", str(args.workers), "-n", str(args.n), "--resume"]
+                   args.device, "--workers", str(args.workers), "-n", str(args.n), "--resume", "--base", args.base]
             cmd += ["--threads", str(args.threads)] if args.threads else []
             running.append(((a, s), subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT), log))
             print(f"started {a} seed {s}", flush=True)
@@ -409,6 +455,8 @@ def main() -> None:
     r.add_argument("-n", type=int, default=200, help="questions per split")
     r.add_argument("--resume", action="store_true", help="continue an interrupted run in OUT/NAME")
     r.add_argument("--threads", type=int, help="torch threads per run (default: the recipe's, 2)")
+    r.add_argument("--base", choices=("default", "quick"), default="default",
+                   help="the recipe the variant changes: the shipped run's steps, or quick's budget")
     r.set_defaults(func=run)
     w = sub.add_parser("sweep", help="run arms x seeds, several at a time, then print the table")
     w.add_argument("arms", help="comma-separated variant names")
@@ -419,6 +467,8 @@ def main() -> None:
     w.add_argument("--workers", type=int, default=0, help="per run: processes drawing stage 0's batches ahead")
     w.add_argument("-n", type=int, default=200, help="questions per split")
     w.add_argument("--threads", type=int, help="torch threads per run (default: the recipe's, 2)")
+    w.add_argument("--base", choices=("default", "quick"), default="default",
+                   help="the recipe the variants change: the shipped run's steps, or quick's budget")
     w.set_defaults(func=sweep)
     t = sub.add_parser("table", help="print the scores of every variant under OUT")
     t.add_argument("out", type=Path)

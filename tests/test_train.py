@@ -21,7 +21,7 @@ from llava_core.train import batches as batches_mod
 from llava_core.train import common
 from llava_core.train.batches import IGNORE, answer_loss, encode_conversation
 from llava_core.train.common import LoopConfig, config_differences, lr_factor, read_jsonl, resolve_compile
-from llava_core.train.recipe import Recipe, run_recipe
+from llava_core.train.recipe import Recipe, quick_recipe, run_recipe
 from llava_core.train.stage0_clip import (CaptionTokenizer, Stage0Config, TextTowerConfig, build_clip, load_visual,
                                           train_stage0, visual_state)
 from llava_core.train.stage1_align import Stage1Config, train_stage1
@@ -980,6 +980,29 @@ def test_recipe_variants_replay_the_shipped_steps_then_change_one_thing():
         "stage2.mix.kind: None -> 0.3", "stage3.mix.kind: None -> 0.3"]
 
 
+def test_recipe_variants_on_the_quick_base_keep_its_budget_and_refuse_what_it_cannot_run():
+    """--base quick: the quick recipe (weights/'s tower, stages 1-3 planned from 28 minutes) with
+    the variant's change alone; a variant of stage 0 or of step counts is refused by name."""
+    rv = _benchmark("recipe_variants")
+    quick, nl = rv.variant_recipe("shipped", base="quick"), rv.variant_recipe("newline", base="quick")
+    assert (quick.budget_minutes, quick.stage0, quick.tower, quick.eval_samples) == (28.0, None, "default", 0)
+    loops = lambda r: {s: c.loop for s, c in r.stage_configs().items()}  # noqa: E731
+    assert loops(quick) == loops(quick_recipe())  # quick's own: nothing pinned from weights/training.json
+    assert config_differences(dataclasses.asdict(quick), dataclasses.asdict(nl)) == [
+        "projector: 'mlp2x_gelu' -> 'mlp2x_gelu_newline'"]
+    assert config_differences(dataclasses.asdict(rv.variant_recipe("shipped")),
+                              dataclasses.asdict(rv.variant_recipe("newline"))) == [
+        "projector: 'mlp2x_gelu' -> 'mlp2x_gelu_newline'"]
+    seeded = rv.variant_recipe("kind_questions", seed=2, base="quick")
+    assert [c.seed for c in seeded.stage_configs().values()] == [2, 2, 2] and seeded.stage2.mix["kind"] == 0.3
+    with pytest.raises(SystemExit, match="'pages' changes stage 0, which the quick recipe does not train"):
+        rv.variant_recipe("pages", base="quick")
+    with pytest.raises(SystemExit, match="28-minute budget; variant 'reading_long'"):
+        rv.variant_recipe("reading_long", base="quick")
+    with pytest.raises(SystemExit, match="--steps-scale 2"):
+        rv.variant_recipe("shipped", steps_scale=2, base="quick")
+
+
 def test_patch_cost_times_a_step_by_the_median_after_the_warm_up(tmp_path):
     pc = _benchmark("patch_cost")
     f = tmp_path / "stage0.jsonl"
@@ -1006,7 +1029,7 @@ def test_recipe_variants_sweep_skips_scored_runs_and_averages_seeds(tmp_path, ca
             (tmp_path / f"{arm}_seed{seed}" / "eval.json").write_text(json.dumps(res))
     monkeypatch.setattr(rv.subprocess, "Popen", lambda *a, **k: pytest.fail("a scored run was started again"))
     rv.sweep(argparse.Namespace(arms="shipped,reader", seeds="0,1,2", parallel=2, out=tmp_path, device="cpu",
-                                workers=0, n=200))
+                                workers=0, n=200, base="default"))
     lines = capsys.readouterr().out.splitlines()
     shipped = next(line for line in lines if line.startswith("shipped (3)"))
     reader = next(line for line in lines if line.startswith("reader (3)"))
@@ -1014,7 +1037,10 @@ def test_recipe_variants_sweep_skips_scored_runs_and_averages_seeds(tmp_path, ca
     assert reader.split()[2:5] == ["80.0", "±", "0.0"] and "240.0 ± 0.0" in reader
     with pytest.raises(SystemExit, match="unknown variants"):
         rv.sweep(argparse.Namespace(arms="shipped,nope", seeds="0", parallel=1, out=tmp_path, device="cpu",
-                                    workers=0, n=200))
+                                    workers=0, n=200, base="default"))
+    with pytest.raises(SystemExit, match="'reader' changes stage 0"):  # refused before any run starts
+        rv.sweep(argparse.Namespace(arms="shipped,reader", seeds="0", parallel=1, out=tmp_path / "q", device="cpu",
+                                    workers=0, n=200, base="quick"))
 
 
 def test_recipe_variants_paired_counts_and_sign_test(tmp_path, capsys):
