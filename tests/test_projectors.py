@@ -187,27 +187,6 @@ def test_columns_projector_repeats_the_tokens_in_column_major_order(base):
         config(base, "mlp2x_gelu_cols", vision_feature_select_strategy="full")
 
 
-def test_columns_model_matches_transformers_given_the_same_two_runs(base, tmp_path):
-    """Oracle for a whole mlp2x_gelu_cols model: transformers' LlavaForConditionalGeneration on its
-    exported checkpoint computes the tower, the MLP (the same tensors as mlp2x_gelu) and the decoder;
-    only the column-major repeat is done here, on transformers' own projected features. Logits at
-    every place agree to 1e-4 (fp32)."""
-    from transformers import LlavaForConditionalGeneration
-
-    model = random_model(config(base, "mlp2x_gelu_cols"))
-    folder = checkpoint(base, model, tmp_path / "ckpt")
-    hf = LlavaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
-    proc = LlavaProcessor.from_pretrained(folder)
-    enc = proc(text=proc.prompt("What is in the image?"), images=image())
-    ids = enc["input_ids"]
-    with torch.no_grad():
-        ours = model(ids, enc["pixel_values"], enc["attention_mask"])  # (1, T, V)
-        embeds = transformers_embeds(hf, ids, enc["pixel_values"], proc.cfg.image_token_index, "mlp2x_gelu_cols")
-        theirs = hf(inputs_embeds=embeds, attention_mask=enc["attention_mask"]).logits
-    assert int((ids == proc.cfg.image_token_index).sum()) == 32
-    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
-
-
 def test_newline_projector_ends_each_row_with_its_learned_vector(base):
     """mlp2x_gelu_newline = mlp2x_gelu's 16 tokens (same weights), row r's token c at place r*5 + c,
     and image_newline at places 4, 9, 14, 19; it needs the grid size, a square grid and no CLS."""
@@ -234,28 +213,29 @@ def test_newline_projector_ends_each_row_with_its_learned_vector(base):
         config(base, "mlp2x_gelu_newline", vision_feature_select_strategy="full")
 
 
-def test_newline_model_matches_transformers_given_the_same_newline(base, tmp_path):
-    """Oracle for a whole mlp2x_gelu_newline model: transformers' LlavaForConditionalGeneration on
-    its exported checkpoint computes the tower, the MLP and the decoder; the newline vector is read
-    from the checkpoint file (transformers' Llava skips it) and put after each row here. Logits at
-    every place agree to 1e-4 (fp32)."""
+@pytest.mark.parametrize("kind, tokens", [("mlp2x_gelu_cols", 32), ("mlp2x_gelu_newline", 20)])
+def test_grid_model_matches_transformers_given_the_same_additions(base, tmp_path, kind, tokens):
+    """Oracle for whole mlp2x_gelu_cols and mlp2x_gelu_newline models: transformers'
+    LlavaForConditionalGeneration on the exported checkpoint computes the tower, the MLP (the same
+    tensors as mlp2x_gelu) and the decoder; only the column-major repeat, or the newline after each
+    row (its vector read from the checkpoint file: transformers' Llava skips it), is done here, on
+    transformers' own projected features. Logits at every place agree to 1e-4 (fp32)."""
     from safetensors.torch import load_file
     from transformers import LlavaForConditionalGeneration
 
-    model = random_model(config(base, "mlp2x_gelu_newline"))
+    model = random_model(config(base, kind))
     folder = checkpoint(base, model, tmp_path / "ckpt")
     tensors = {k: v for f in folder.glob("*.safetensors") for k, v in load_file(f).items()}
-    newline = tensors["multi_modal_projector.image_newline"]  # (D,)
     hf = LlavaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
     proc = LlavaProcessor.from_pretrained(folder)
     enc = proc(text=proc.prompt("What is in the image?"), images=image())
     ids = enc["input_ids"]
     with torch.no_grad():
         ours = model(ids, enc["pixel_values"], enc["attention_mask"])  # (1, T, V)
-        embeds = transformers_embeds(hf, ids, enc["pixel_values"], proc.cfg.image_token_index,
-                                     "mlp2x_gelu_newline", newline=newline)
+        embeds = transformers_embeds(hf, ids, enc["pixel_values"], proc.cfg.image_token_index, kind,
+                                     newline=tensors.get("multi_modal_projector.image_newline"))
         theirs = hf(inputs_embeds=embeds, attention_mask=enc["attention_mask"]).logits
-    assert int((ids == proc.cfg.image_token_index).sum()) == 20
+    assert int((ids == proc.cfg.image_token_index).sum()) == tokens
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
 
 
@@ -305,6 +285,7 @@ def test_shuffle_puts_each_2x2_block_of_patches_side_by_side_in_one_token():
 
 # The docstring table of projector.py: ViT-L/14-336 (1024-d, 576 patches) into a 4096-d decoder.
 VIT_L = {"linear": (576, 4_198_400), "mlp2x_gelu": (576, 20_979_712), "mlp2x_gelu_pos": (576, 21_176_320),
+         "mlp2x_gelu_cols": (1152, 20_979_712), "mlp2x_gelu_newline": (600, 20_983_808),
          "avgpool2_mlp2x_gelu": (144, 20_979_712), "shuffle2_mlp2x_gelu": (144, 33_562_624),
          "cabstractor": (144, 29_429_760), "cabstractor144": (144, 29_429_760), "ldp": (144, 54_640_640),
          "resampler64": (64, 33_645_568)}

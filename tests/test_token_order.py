@@ -31,37 +31,22 @@ def test_reorder_grid_keeps_a_cls_token_first():
 
 
 @pytest.mark.parametrize("mode", ["none", "rows_reversed", "cols_reversed", "transposed"])
-def test_reorder_of_a_grid_and_its_column_major_twin_is_the_twin_of_the_reordered_grid(mode):
-    """mlpNx_gelu_cols emits the grid row-major and then column-major: reordering those 2P tokens
-    must equal building the two runs from the reordered grid (every token moves with its twin)."""
+@pytest.mark.parametrize("kind", ["mlp2x_gelu_cols", "mlp2x_gelu_newline"])
+def test_reorder_of_a_projectors_tokens_is_its_output_on_the_reordered_grid(kind, mode):
+    """mlpNx_gelu_cols emits the grid row-major and then column-major, mlpNx_gelu_newline ends
+    each row with a learned token: reordering their tokens must equal the projector's output on
+    the reordered grid (every token moves with its twin; the newlines stay where rows end)."""
     from llava_core.model.config import ProjectorConfig
     from llava_core.model.projector import build_projector
 
     torch.manual_seed(0)
-    cols = build_projector(ProjectorConfig(kind="mlp2x_gelu_cols"), 4, 8, n_tokens=9)
+    proj = build_projector(ProjectorConfig(kind=kind), 4, 8, n_tokens=9)
     x = torch.randn(2, 9, 4)  # (B, 3x3 grid, Dv)
     with torch.no_grad():
-        twice = cols(x)  # (B, 18, 8)
-        rebuilt = cols(reorder_grid(x, 3, 3, mode))
-    torch.testing.assert_close(reorder_grid(twice, 3, 3, mode), rebuilt, rtol=0, atol=0)
-
-
-@pytest.mark.parametrize("mode", ["none", "rows_reversed", "cols_reversed", "transposed"])
-def test_reorder_with_newline_tokens_moves_the_grid_and_keeps_a_newline_ending_each_row(mode):
-    """mlpNx_gelu_newline ends each row with a learned token: reordering its s*(s+1) tokens must
-    equal the projector's output on the reordered grid (the newlines stay where rows end)."""
-    from llava_core.model.config import ProjectorConfig
-    from llava_core.model.projector import build_projector
-
-    torch.manual_seed(0)
-    nl = build_projector(ProjectorConfig(kind="mlp2x_gelu_newline"), 4, 8, n_tokens=9)
-    x = torch.randn(2, 9, 4)  # (B, 3x3 grid, Dv)
-    with torch.no_grad():
-        y = nl(x)  # (B, 12, 8)
-        rebuilt = nl(reorder_grid(x, 3, 3, mode))
+        y = proj(x)  # (B, 18 or 12, 8)
+        rebuilt = proj(reorder_grid(x, 3, 3, mode))
     torch.testing.assert_close(reorder_grid(y, 3, 3, mode), rebuilt, rtol=0, atol=0)
-    if mode != "none":
-        assert not torch.equal(reorder_grid(y, 3, 3, mode), y)
+    assert torch.equal(reorder_grid(y, 3, 3, mode), y) == (mode == "none")
 
 
 def test_reorder_of_a_non_square_grid_with_newlines():
