@@ -136,6 +136,18 @@ def test_grid_projectors_need_a_square_patch_count(base):
             config(base, kind, vision_feature_select_strategy="full")  # 17 tokens: refused, CLS not dropped
 
 
+def assert_grid_errors(base, proj) -> None:
+    """What every grid MLP projector (built for a 4x4 grid) refuses, each error naming the fault:
+    no grid size, another grid's tokens, a CLS token kept."""
+    kind = proj.kind
+    with pytest.raises(ConfigError, match=rf"{kind}.*n_tokens"):
+        build_projector(ProjectorConfig(kind=kind), 32, 64)
+    with pytest.raises(ConfigError, match=r"4x4 patch grid, got 9 tokens"):
+        proj(torch.randn(1, 9, 32))
+    with pytest.raises(ConfigError, match=rf"{kind}.*CLS.*'full'"):
+        config(base, kind, vision_feature_select_strategy="full")
+
+
 def test_positional_mlp_adds_a_row_and_a_column_embedding_to_each_token(base):
     """mlp2x_gelu_pos = mlp2x_gelu (same weights) + row_embed[r] + col_embed[c] at token r*4 + c;
     it needs the grid size, a square grid and no CLS."""
@@ -153,14 +165,9 @@ def test_positional_mlp_adds_a_row_and_a_column_embedding_to_each_token(base):
         for c in range(4):
             want = pos.row_embed[r] + pos.col_embed[c]
             assert torch.allclose(added[:, r * 4 + c], want.expand(2, 64), atol=1e-5)
-    with pytest.raises(ConfigError, match=r"mlp2x_gelu_pos.*n_tokens"):
-        build_projector(ProjectorConfig(kind="mlp2x_gelu_pos"), 32, 64)
     with pytest.raises(ConfigError, match=r"mlp2x_gelu_pos.*N=15"):
         build_projector(ProjectorConfig(kind="mlp2x_gelu_pos"), 32, 64, n_tokens=15)
-    with pytest.raises(ConfigError, match=r"4x4 patch grid, got 9 tokens"):
-        pos(torch.randn(1, 9, 32))
-    with pytest.raises(ConfigError, match=r"mlp2x_gelu_pos.*CLS.*'full'"):
-        config(base, "mlp2x_gelu_pos", vision_feature_select_strategy="full")
+    assert_grid_errors(base, pos)
 
 
 def test_columns_projector_repeats_the_tokens_in_column_major_order(base):
@@ -179,12 +186,7 @@ def test_columns_projector_repeats_the_tokens_in_column_major_order(base):
     for r in range(4):
         for c in range(4):
             assert torch.equal(y[:, 16 + c * 4 + r], want[:, r * 4 + c]), (r, c)
-    with pytest.raises(ConfigError, match=r"mlp2x_gelu_cols.*n_tokens"):
-        build_projector(ProjectorConfig(kind="mlp2x_gelu_cols"), 32, 64)
-    with pytest.raises(ConfigError, match=r"4x4 patch grid, got 9 tokens"):
-        cols(torch.randn(1, 9, 32))
-    with pytest.raises(ConfigError, match=r"mlp2x_gelu_cols.*CLS.*'full'"):
-        config(base, "mlp2x_gelu_cols", vision_feature_select_strategy="full")
+    assert_grid_errors(base, cols)
 
 
 def test_newline_projector_ends_each_row_with_its_learned_vector(base):
@@ -205,12 +207,7 @@ def test_newline_projector_ends_each_row_with_its_learned_vector(base):
             assert torch.equal(y[:, r * 5 + c], want[:, r * 4 + c]), (r, c)
     nl(x).sum().backward()  # the newline is in 2 images x 4 rows
     assert nl.image_newline.grad is not None and torch.equal(nl.image_newline.grad, torch.full((64,), 8.0))
-    with pytest.raises(ConfigError, match=r"mlp2x_gelu_newline.*n_tokens"):
-        build_projector(ProjectorConfig(kind="mlp2x_gelu_newline"), 32, 64)
-    with pytest.raises(ConfigError, match=r"4x4 patch grid, got 9 tokens"):
-        nl(torch.randn(1, 9, 32))
-    with pytest.raises(ConfigError, match=r"mlp2x_gelu_newline.*CLS.*'full'"):
-        config(base, "mlp2x_gelu_newline", vision_feature_select_strategy="full")
+    assert_grid_errors(base, nl)
 
 
 @pytest.mark.parametrize("kind, tokens", [("mlp2x_gelu_cols", 32), ("mlp2x_gelu_newline", 20)])

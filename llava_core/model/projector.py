@@ -361,19 +361,12 @@ def build_projector(cfg: ProjectorConfig, in_dim: int, out_dim: int, n_tokens: i
         return MLPProjector(in_dim, out_dim, depth=1, bias=cfg.bias)
     if family == "mlpNx_gelu":
         return MLPProjector(in_dim, out_dim, depth=n, bias=cfg.bias)
-    if family == "mlpNx_gelu_pos":
-        if n_tokens is None:
-            raise ConfigError(f"projector {kind!r} needs the vision tokens per image (n_tokens) to size its "
-                              "row and column tables")
-        return PositionalMLPProjector(kind, in_dim, out_dim, depth=n, n_tokens=n_tokens, bias=cfg.bias)
-    if family == "mlpNx_gelu_cols":
+    grid_mlp = {"mlpNx_gelu_pos": PositionalMLPProjector, "mlpNx_gelu_cols": ColumnsMLPProjector,
+                "mlpNx_gelu_newline": NewlineMLPProjector}
+    if family in grid_mlp:
         if n_tokens is None:
             raise ConfigError(f"projector {kind!r} needs the vision tokens per image (n_tokens) to know its grid")
-        return ColumnsMLPProjector(kind, in_dim, out_dim, depth=n, n_tokens=n_tokens, bias=cfg.bias)
-    if family == "mlpNx_gelu_newline":
-        if n_tokens is None:
-            raise ConfigError(f"projector {kind!r} needs the vision tokens per image (n_tokens) to know its grid")
-        return NewlineMLPProjector(kind, in_dim, out_dim, depth=n, n_tokens=n_tokens, bias=cfg.bias)
+        return grid_mlp[family](kind, in_dim, out_dim, depth=n, n_tokens=n_tokens, bias=cfg.bias)
     if family == "identity":
         if in_dim != out_dim:
             raise ConfigError(f"projector 'identity' needs equal widths, but the vision features are "
