@@ -333,14 +333,15 @@ def run(args) -> None:
 
 def sweep(args) -> None:
     """`run` for every arm and seed, `--parallel` at a time (each in its own process, its output in
-    OUT/logs/ARM_seedS.log); runs already scored are skipped, interrupted ones resumed. Then the table."""
+    OUT/logs/ARM_seedS.log); runs already scored are skipped, interrupted ones resumed. Then the table.
+    Seed by seed (every arm's seed 0 before any seed 1), so that a sweep cut short still pairs its arms."""
     import time
 
     arms = [a for a in args.arms.split(",") if a]
     unknown = [a for a in arms if a not in VARIANTS]
     if unknown:
         raise SystemExit(f"unknown variants {unknown}; choose from {sorted(VARIANTS)}")
-    jobs = [(a, int(s)) for a in arms for s in args.seeds.split(",")]
+    jobs = [(a, int(s)) for s in args.seeds.split(",") for a in arms]
     for a in arms:
         variant_recipe(a, base=args.base)  # a variant the base refuses stops the sweep before any run
     prefix = "quick-" if args.base == "quick" else ""

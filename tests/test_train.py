@@ -1043,6 +1043,33 @@ def test_recipe_variants_sweep_skips_scored_runs_and_averages_seeds(tmp_path, ca
                                     workers=0, n=200, base="quick"))
 
 
+def test_recipe_variants_sweep_runs_seed_by_seed_so_a_cut_sweep_pairs_its_arms(tmp_path, capsys, monkeypatch):
+    """Every arm's seed 0 starts before any arm's seed 1: a sweep stopped after four of six runs
+    has two seeds of both arms, not three of one and one of the other."""
+    import argparse
+
+    rv = _benchmark("recipe_variants")
+    started = []
+
+    class Done:  # a run that has finished, scored
+        def __init__(self, cmd, **kw):
+            arm, seed = cmd[3], cmd[cmd.index("--seed") + 1]
+            started.append((arm, int(seed)))
+            res = {s: {"overall": {"acc": 0.5, "n": 10}} for s in ("test", "heldout", "shifted")}
+            (tmp_path / f"quick-{arm}_seed{seed}").mkdir()
+            (tmp_path / f"quick-{arm}_seed{seed}" / "eval.json").write_text(json.dumps(res))
+            self.returncode = 0
+
+        def poll(self):
+            return 0
+
+    monkeypatch.setattr(rv.subprocess, "Popen", Done)
+    monkeypatch.setattr("time.sleep", lambda s: None)
+    rv.sweep(argparse.Namespace(arms="shipped,newline", seeds="0,1,2", parallel=1, out=tmp_path, device="cpu",
+                                workers=0, n=200, base="quick", threads=None))
+    assert started == [("shipped", 0), ("newline", 0), ("shipped", 1), ("newline", 1), ("shipped", 2), ("newline", 2)]
+
+
 def test_recipe_variants_paired_counts_and_sign_test(tmp_path, capsys):
     rv = _benchmark("recipe_variants")
     rows = lambda scores, qtype="colour": "".join(  # noqa: E731
