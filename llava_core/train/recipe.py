@@ -187,9 +187,9 @@ def quick_recipe() -> Recipe:
     """LLaVA's own recipe in a 28-minute budget on two CPU cores: the shipped model's trained
     tower in place of stage 0 (as LLaVA starts from a pretrained CLIP), then stages 1-3 train a
     fresh projector and LoRA (and stage 3 the tower's last block) with the default recipe's
-    settings, each stage's share of the budget as there, so about 68% of their steps. On 2 CPU
-    cores (2026-12-07, compiled blocks), seeds 0-2: 59.6 / 60.1 / 62.2% on the test split against
-    the shipped weights' 74.5% (benchmarks/default_model.md)."""
+    settings, each stage's share of the budget as there. On 2 CPU cores (2026-12-07, compiled
+    blocks), seeds 0-2 on the test split: 59.6 / 60.1 / 62.2% on an Intel Xeon with AMX, 42.6 /
+    37.8 / 39.9% on an AMD EPYC, whose steps take 3x as long (benchmarks/default_model.md)."""
     return Recipe(name="quick", budget_minutes=28.0, probe=False, stage0=None, tower="default")
 
 
