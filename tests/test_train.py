@@ -1043,7 +1043,7 @@ def test_recipe_variants_sweep_skips_scored_runs_and_averages_seeds(tmp_path, ca
                                     workers=0, n=200, base="quick"))
 
 
-def test_recipe_variants_sweep_runs_seed_by_seed_so_a_cut_sweep_pairs_its_arms(tmp_path, capsys, monkeypatch):
+def test_recipe_variants_sweep_runs_seed_by_seed_so_a_cut_sweep_pairs_its_arms(tmp_path, monkeypatch):
     """Every arm's seed 0 starts before any arm's seed 1: a sweep stopped after four of six runs
     has two seeds of both arms, not three of one and one of the other."""
     import argparse
