@@ -317,3 +317,24 @@ def test_llava_core_avx512_0_keeps_the_batch_products_in_avx2():
                            capture_output=True, text=True, timeout=600)
         seen[value] = r.stdout.strip().splitlines()[-1]
     assert seen == {"0": "False", "1": str(cpu_kernels.allow_avx512(True))}
+
+
+@pytest.mark.parametrize("K", [576, 1100])  # rows one at a time (2.3 KB), and four together (4.4 KB)
+def test_prefetch_distance_changes_no_product_and_a_negative_one_is_refused(K):
+    """Prefetching only asks for memory early: every distance gives the same bits, including
+    prefetches far past the matrix's end (9 rows here), and the results match torch's."""
+    g = torch.Generator().manual_seed(K)
+    w, x = _rand(g, 9, K), _rand(g, 1, K)
+    ref = torch.nn.functional.linear(x, w)
+    before = cpu_kernels.set_prefetch_bytes(0)
+    try:
+        got = {}
+        for n in (0, 64, 8192, 1 << 20):
+            cpu_kernels.set_prefetch_bytes(n)
+            (got[n],) = cpu_kernels._module().gemv(x, [w], [], False)
+        with pytest.raises(ValueError, match="must be >= 0"):
+            cpu_kernels.set_prefetch_bytes(-1)
+    finally:
+        cpu_kernels.set_prefetch_bytes(before)
+    assert all(torch.equal(got[0], y) for y in got.values())
+    assert ((got[0] - ref).abs() <= 1e-5 * (x.abs() @ w.abs().T).clamp(min=1)).all()

@@ -13,7 +13,9 @@ The kernels (C++ in cpu_kernels.cpp beside this file):
 - `gemv(x, [w1, w2, ...], scales, swiglu)`: x (M, K) times several weights (N_i, K) in one pass over
   their rows (or gate and up together, then silu(gate) * up). bf16 weights are widened to fp32
   in registers (bf16 is the top half of an fp32: a 16-bit shift) and accumulated with FMA in
-  fp32, four rows at a time, rows split over threads. int8 weights (llama.Int8Linear,
+  fp32, four rows at a time, rows split over threads, each weight asked for 8 KB before it
+  is read (`set_prefetch_bytes`; on an AMD EPYC a decode step ran 1.01-1.38x faster with it
+  in 11 of 12 runs, benchmarks/bench_decode_step.py). int8 weights (llama.Int8Linear,
   optional) carry one fp32 scale per row. `linear` below uses it for single products (lm_head).
   With several inputs (a batch decoding together) each weight is loaded once for several of
   them: tiles of 4 rows x 2 inputs in AVX2, 4 x 4 in AVX-512 where the CPU has it (chosen at
@@ -104,6 +106,15 @@ def allow_avx512(allowed: bool) -> bool:
     """Let the batch products (two or more rows) use AVX-512 where the CPU has it (the default),
     or keep them to AVX2 (tests of both paths, benchmarks). -> whether AVX-512 is in use now."""
     return bool(_module().set_avx512(allowed))
+
+
+def set_prefetch_bytes(n: int) -> int:
+    """How far ahead (bytes) one input's products ask for weights into L2; 0 turns it off
+    (benchmarks/bench_decode_step.py; the default, 8192, is what it measured best). -> the
+    distance before."""
+    if n < 0:
+        raise ValueError(f"set_prefetch_bytes: n must be >= 0, got {n}")
+    return int(_module().set_prefetch_bytes(int(n)))
 
 
 def avx512_in_use() -> bool:
