@@ -11,8 +11,12 @@ measures the token-order separations.
 
     python benchmarks/position_drill.py --arm mlp2x_gelu --steps 150 --out runs/drill
     python benchmarks/position_drill.py --arm mlp2x_gelu_pos --steps 150 --out runs/drill
+    python benchmarks/position_drill.py --arm mlp2x_gelu --lora shipped --steps 0   # the shipped model
+    python benchmarks/position_drill.py --arm mlp2x_gelu_pos --lora shipped --steps 300 --compile auto
 
-Each arm writes OUT/ARM[_seedK]/ (stage2 log and checkpoints, `--resume` continues) and
+`--lora shipped` keeps the parts' LoRA adapters and trains them on (the shipped model already
+reads rows from the token order: does a column signal then come quickly?). Each arm writes
+OUT/ARM[_lora-shipped][_seedK]/ (stage2 log and checkpoints, `--resume` continues) and
 drill.json. A full training is not what this measures: one seed and a narrow mix, so read
 big differences only.
 """
@@ -31,9 +35,10 @@ sys.path.insert(0, str(ROOT))
 MIX = {"position": 1.0, "relation": 1.0}
 
 
-def build(arm: str, parts: Path):
+def build(arm: str, parts: Path, lora: str = "fresh"):
     """The default model with projector `arm`, the tower and every projector tensor the shipped
-    parts have that `arm` has too; tensors only `arm` has keep their initialisation."""
+    parts have that `arm` has too; tensors only `arm` has keep their initialisation. lora
+    "shipped": the parts' LoRA adapters too, unmerged, to train on (else stage 2 adds fresh ones)."""
     import torch
 
     from llava_core.default.build import build_default_model
@@ -49,6 +54,12 @@ def build(arm: str, parts: Path):
     out = model.projector.load_state_dict(given, strict=False)
     if not given or out.unexpected_keys:
         raise SystemExit(f"--arm {arm}: the shipped projector's tensors do not fit it ({sorted(own)})")
+    if lora == "shipped":
+        from safetensors.torch import load_file
+
+        from llava_core.train.stage2_instruct import add_lora, load_lora_state, lora_config
+        add_lora(model.language_model, lora_config(r.stage2))
+        load_lora_state(model.language_model, load_file(str(parts / "lora" / "adapter_model.safetensors")))
     return model.eval(), sorted(out.missing_keys)
 
 
@@ -68,6 +79,10 @@ def main(argv=None) -> None:
     ap.add_argument("--out", type=Path, default=Path("runs/drill"))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--compile", default="off", choices=("off", "auto"),
+                    help="the decoder's blocks through torch.compile (the first drills ran eager)")
+    ap.add_argument("--lora", choices=("fresh", "shipped"), default="fresh",
+                    help="fresh adapters (the drill as first run), or the parts' own to train on")
     args = ap.parse_args(argv)
 
     from llava_core.data import DataConfig
@@ -78,13 +93,17 @@ def main(argv=None) -> None:
     from llava_core.train.recipe import default_recipe
     from llava_core.train.stage2_instruct import train_stage2
 
-    out = args.out / (args.arm if args.seed == 0 else f"{args.arm}_seed{args.seed}")
-    model, fresh = build(args.arm, args.parts)
+    name = args.arm + ("_lora-shipped" if args.lora == "shipped" else "")
+    out = args.out / (name if args.seed == 0 else f"{name}_seed{args.seed}")
+    model, fresh = build(args.arm, args.parts, args.lora)
     processor = make_default_processor(model.cfg)
     shipped = default_recipe().replay(json.loads((ROOT / "weights" / "training.json").read_text())).stage2
     cfg = replace(shipped, mix=dict(MIX), easy_mix=dict(MIX), curriculum=0.0, seed=args.seed,
+                  compile="auto" if args.compile == "auto" else False,
                   loop=LoopConfig(steps=args.steps, warmup=10, ckpt_every=25))
-    train_stage2(out, model, processor, cfg, resume=args.resume, threads=args.threads)
+    if args.steps > 0:  # 0: score the starting point only
+        train_stage2(out, model, processor, cfg, resume=args.resume, threads=args.threads)
+    out.mkdir(parents=True, exist_ok=True)
 
     rows: list = []
     data = DataConfig(image_size=model.cfg.vision.image_size, mix=dict(MIX))
@@ -95,7 +114,7 @@ def main(argv=None) -> None:
         t[0] += int(r["score"] == 1)
         t[1] += 1
     route = position_route(model, processor, n=30, modes=("none", "cols_reversed"))
-    result = {"arm": args.arm, "steps": args.steps, "seed": args.seed, "fresh_tensors": fresh,
+    result = {"arm": args.arm, "lora": args.lora, "steps": args.steps, "seed": args.seed, "fresh_tensors": fresh,
               "right": table, "separation": {m: {a: v["separation"] for a, v in row.items()}
                                              for m, row in route.items()}}
     (out / "drill.json").write_text(json.dumps(result, indent=1))

@@ -15,7 +15,8 @@ RUN must hold train/stage0_visual.safetensors and a finished train/stage2.ckpt (
 before stage 2 wrote train/stage2_tuned.safetensors; from a newer one, `llava-core train --stage
 3` does the same), or be a parts folder such as weights/: the phase then continues from those
 weights, their LoRA adapters unmerged (`python benchmarks/reading_phase.py weights --out
-runs/read2/cont800 --seed 2`). Options left out keep the recipe's stage-3 settings. The script writes
+runs/read2/cont800 --seed 2`). Options left out keep the recipe's stage-3 settings; `--ocr 2
+--document 2` gives stage 2's mix, and `--mix position=6,relation=4` sets other weights. The script writes
 RUN's stage-2 output into OUT/train as the recipe does and runs the recipe's stage 3 there
 (`run_recipe(OUT, recipe, stages=(3,))`): OUT/train/stage3.{jsonl,ckpt}, OUT/parts (with
 training.json), then OUT/eval.json and OUT/predictions.jsonl (`llava-core
@@ -41,8 +42,10 @@ sys.path.insert(0, str(ROOT))
 def phase_config(recipe, args):
     """The recipe's stage-3 config with the options given, `args.steps` steps, no time budget."""
     cfg = copy.deepcopy(recipe.stage3)
-    for key, value in (("ocr", args.ocr), ("document", args.document)):
+    for key, value in (("ocr", args.ocr), ("document", args.document), *parse_mix(args.mix).items()):
         if value is not None:
+            if key not in cfg.mix:
+                raise SystemExit(f"--mix: {key!r} is not a question type of the mix ({', '.join(sorted(cfg.mix))})")
             cfg.mix[key] = value
     if args.tower_blocks is not None:
         cfg.train_tower_blocks = args.tower_blocks
@@ -50,6 +53,22 @@ def phase_config(recipe, args):
         cfg.seed = args.seed
     cfg.loop = replace(cfg.loop, steps=args.steps, stop_at=None, budget_s=None)
     return cfg
+
+
+def parse_mix(text: str | None) -> dict[str, float]:
+    """--mix "position=6,relation=4" -> {"position": 6.0, "relation": 4.0}."""
+    out = {}
+    for item in (text or "").split(","):
+        if not item.strip():
+            continue
+        key, eq, value = item.partition("=")
+        try:
+            out[key.strip()] = float(value)
+        except ValueError:
+            raise SystemExit(f"--mix {text!r}: expected KEY=WEIGHT pairs, got {item!r}") from None
+        if not eq:
+            raise SystemExit(f"--mix {text!r}: expected KEY=WEIGHT pairs, got {item!r}")
+    return out
 
 
 def tuned_from_parts(recipe, parts: Path, dest: Path) -> None:
@@ -105,6 +124,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=800)
     p.add_argument("--ocr", type=float, help="weight of word images in the mix (stage 2: 2)")
     p.add_argument("--document", type=float, help="weight of documents (stage 2: 2)")
+    p.add_argument("--mix", help="other weights of the mix, e.g. position=6,relation=4")
     p.add_argument("--tower-blocks", type=int, help="train the tower's last k blocks too")
     p.add_argument("--seed", type=int, help="the phase's data seed (default: the recipe's, 0)")
     p.add_argument("--threads", type=int, default=2)

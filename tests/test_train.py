@@ -1145,3 +1145,39 @@ def test_position_drill_starts_from_the_shipped_tower_and_projector():
                        shipped["vision_tower.vision_model.embeddings.patch_embedding.weight"])
     assert [drill.form({"qtype": "position", "task": t}) for t in ("position_lr", "position_tb", "position_where")] \
         == ["left/right", "top/bottom", "where"]
+
+
+def test_position_drill_with_the_shipped_lora_starts_as_the_shipped_adapters():
+    """`--lora shipped`: the decoder carries the parts' LoRA adapters, unmerged, tensor for tensor."""
+    weights = Path(__file__).resolve().parents[1] / "weights"
+    if not (weights / "lora" / "adapter_model.safetensors").is_file():
+        pytest.skip("weights/ holds no trained model")
+    from safetensors.torch import load_file
+
+    from llava_core.checkpoints.lora import normalize_lora_state
+    from llava_core.train.stage2_instruct import lora_state
+
+    model, _ = _benchmark("position_drill").build("mlp2x_gelu", weights, lora="shipped")
+    shipped = normalize_lora_state(load_file(str(weights / "lora" / "adapter_model.safetensors")))
+    got = normalize_lora_state(lora_state(model.language_model))
+    assert sorted(got) == sorted(shipped) and len(got) == 2 * 7 * 30
+    assert all(torch.equal(got[k], shipped[k]) for k in shipped)
+
+
+def test_reading_phase_mix_sets_weights_and_names_an_unknown_type():
+    """reading_phase.py --mix position=6,relation=4 on top of --ocr/--document; a type the mix
+    does not have is refused by name rather than silently added."""
+    from argparse import Namespace
+
+    from llava_core.train.recipe import default_recipe
+
+    phase = _benchmark("reading_phase")
+    args = Namespace(ocr=2.0, document=2.0, mix="position=6, relation=4", tower_blocks=None, seed=2, steps=300)
+    recipe = default_recipe()
+    cfg = phase.phase_config(recipe, args)
+    assert cfg.mix == {**recipe.stage2.mix, "position": 6.0, "relation": 4.0}  # stage 2's mix, placed
+    assert cfg.loop.steps == 300 and cfg.seed == 2 and recipe.stage3.mix["ocr"] == 12.0  # the recipe untouched
+    with pytest.raises(SystemExit, match="'positon' is not a question type"):
+        phase.phase_config(default_recipe(), Namespace(**{**vars(args), "mix": "positon=6"}))
+    with pytest.raises(SystemExit, match="expected KEY=WEIGHT"):
+        phase.parse_mix("position")
