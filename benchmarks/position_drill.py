@@ -15,7 +15,8 @@ measures the token-order separations.
     python benchmarks/position_drill.py --arm mlp2x_gelu_pos --lora shipped --steps 300 --compile auto
 
 `--lora shipped` keeps the parts' LoRA adapters and trains them on (the shipped model already
-reads rows from the token order: does a column signal then come quickly?). Each arm writes
+reads rows from the token order: does a column signal then come quickly?); `--save-parts` also
+writes the trained model to OUT/ARM/parts for `llava-core eval`. Each arm writes
 OUT/ARM[_lora-shipped][_seedK]/ (stage2 log and checkpoints, `--resume` continues) and
 drill.json. A full training is not what this measures: one seed and a narrow mix, so read
 big differences only.
@@ -81,6 +82,7 @@ def main(argv=None) -> None:
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--compile", default="off", choices=("off", "auto"),
                     help="the decoder's blocks through torch.compile (the first drills ran eager)")
+    ap.add_argument("--save-parts", action="store_true", help="also write the trained model to OUT/ARM/parts")
     ap.add_argument("--lora", choices=("fresh", "shipped"), default="fresh",
                     help="fresh adapters (the drill as first run), or the parts' own to train on")
     args = ap.parse_args(argv)
@@ -102,7 +104,11 @@ def main(argv=None) -> None:
                   compile="auto" if args.compile == "auto" else False,
                   loop=LoopConfig(steps=args.steps, warmup=10, ckpt_every=25))
     if args.steps > 0:  # 0: score the starting point only
-        train_stage2(out, model, processor, cfg, resume=args.resume, threads=args.threads)
+        _, lcfg = train_stage2(out, model, processor, cfg, resume=args.resume, threads=args.threads)
+        if args.save_parts:  # for the whole suite: llava-core eval OUT/ARM/parts --suite synthetic
+            from llava_core.default.parts import save_parts
+            from llava_core.train.stage2_instruct import lora_state
+            save_parts(model, out / "parts", lora_state(model.language_model), lcfg)
     out.mkdir(parents=True, exist_ok=True)
 
     rows: list = []
