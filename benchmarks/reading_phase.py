@@ -61,13 +61,11 @@ def parse_mix(text: str | None) -> dict[str, float]:
     for item in (text or "").split(","):
         if not item.strip():
             continue
-        key, eq, value = item.partition("=")
+        key, _, value = item.partition("=")  # no "=": value is "", which float() refuses
         try:
             out[key.strip()] = float(value)
         except ValueError:
             raise SystemExit(f"--mix {text!r}: expected KEY=WEIGHT pairs, got {item!r}") from None
-        if not eq:
-            raise SystemExit(f"--mix {text!r}: expected KEY=WEIGHT pairs, got {item!r}")
     return out
 
 
