@@ -86,6 +86,8 @@ def main(argv=None) -> None:
     ap.add_argument("--lora", choices=("fresh", "shipped"), default="fresh",
                     help="fresh adapters (the drill as first run), or the parts' own to train on")
     args = ap.parse_args(argv)
+    if args.save_parts and args.steps == 0:
+        ap.error("--save-parts with --steps 0: nothing is trained, the parts are --parts already")
 
     from llava_core.data import DataConfig
     from llava_core.default.build import make_default_processor
