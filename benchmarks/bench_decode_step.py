@@ -1,5 +1,6 @@
 """One decode step of the default model's decoder shape in llava_core's CPU kernels, at
-several software-prefetch distances, against a streaming fp32 `sum` over as many bytes.
+several software-prefetch distances, against the read bandwidth bench_generate.py takes as
+its bound (a 512 MiB fp32 `sum`, best of 5).
 
 The step is what generation runs per token on the CPU: `decode_layers` through the 30
 SmolLM2-135M blocks (576 wide, MLP 1536, 9 heads / 3 KV heads of 64) at a cache slot of 110,
@@ -60,6 +61,8 @@ def main(argv=None) -> None:
     except ValueError:
         raise SystemExit(f"--prefetch {args.prefetch!r}: expected comma-separated byte counts")
     torch.set_num_threads(args.threads)
+    from bench_generate import read_bandwidth  # this folder is on sys.path when run as a script
+
     from llava_core.model import cpu_kernels
 
     if not cpu_kernels.available():
@@ -74,7 +77,6 @@ def main(argv=None) -> None:
     vc = torch.zeros_like(kc)
     x = torch.randn(1, C).to(dtype)
     cos, sin = torch.ones(1, D, dtype=dtype), torch.zeros(1, D, dtype=dtype)
-    stream = torch.randn(step_bytes // 4)  # fp32: the same number of bytes
 
     def step():
         y = kernels.decode_layers(x, weights, [], kc, vc, 0, cos, sin, SLOT, D ** -0.5, 1e-5, None)
@@ -84,7 +86,7 @@ def main(argv=None) -> None:
     times = {d: [] for d in distances}
     sums = []
     for _ in range(args.rounds):
-        sums.append(step_bytes / median_seconds(lambda: stream.sum(), 5) / 1e9)
+        sums.append(read_bandwidth("cpu"))
         for d in distances:
             cpu_kernels.set_prefetch_bytes(d)
             times[d].append(median_seconds(step, args.n))
