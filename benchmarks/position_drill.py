@@ -56,11 +56,8 @@ def build(arm: str, parts: Path, lora: str = "fresh"):
     if not given or out.unexpected_keys:
         raise SystemExit(f"--arm {arm}: the shipped projector's tensors do not fit it ({sorted(own)})")
     if lora == "shipped":
-        from safetensors.torch import load_file
-
-        from llava_core.train.stage2_instruct import add_lora, load_lora_state, lora_config
-        add_lora(model.language_model, lora_config(r.stage2))
-        load_lora_state(model.language_model, load_file(str(parts / "lora" / "adapter_model.safetensors")))
+        from llava_core.train.stage2_instruct import add_lora_from_parts
+        add_lora_from_parts(model.language_model, parts, r.stage2)
     return model.eval(), sorted(out.missing_keys)
 
 

@@ -16,7 +16,8 @@ before stage 2 wrote train/stage2_tuned.safetensors; from a newer one, `llava-co
 3` does the same), or be a parts folder such as weights/: the phase then continues from those
 weights, their LoRA adapters unmerged (`python benchmarks/reading_phase.py weights --out
 runs/read2/cont800 --seed 2`). Options left out keep the recipe's stage-3 settings; `--ocr 2
---document 2` gives stage 2's mix, and `--mix position=6,relation=4` sets other weights. The script writes
+--document 2` gives stage 2's mix, and `--mix position=6,relation=4` sets other weights; `--side-mix
+position=1,relation=1 --side-every 2` makes every other window of 8 steps place questions alone. The script writes
 RUN's stage-2 output into OUT/train as the recipe does and runs the recipe's stage 3 there
 (`run_recipe(OUT, recipe, stages=(3,))`): OUT/train/stage3.{jsonl,ckpt}, OUT/parts (with
 training.json), then OUT/eval.json and OUT/predictions.jsonl (`llava-core
@@ -47,6 +48,13 @@ def phase_config(recipe, args):
             if key not in cfg.mix:
                 raise SystemExit(f"--mix: {key!r} is not a question type of the mix ({', '.join(sorted(cfg.mix))})")
             cfg.mix[key] = value
+    side = parse_mix(args.side_mix)
+    for key in side:
+        if key not in cfg.mix:
+            raise SystemExit(f"--side-mix: {key!r} is not a question type of the mix ({', '.join(sorted(cfg.mix))})")
+    if bool(side) != bool(args.side_every):
+        raise SystemExit("--side-mix and --side-every go together (e.g. --side-mix position=1,relation=1 --side-every 2)")
+    cfg.side_mix, cfg.side_every = side, args.side_every or 0
     if args.tower_blocks is not None:
         cfg.train_tower_blocks = args.tower_blocks
     if args.seed is not None:  # the phase's data; the adapters it starts from are the run's
@@ -73,16 +81,14 @@ def tuned_from_parts(recipe, parts: Path, dest: Path) -> None:
     """Stage 2's three files in dest, taken from a parts folder (e.g. weights/): its tower,
     projector and LoRA adapters, unmerged, so that stage 3 continues from shipped weights."""
     import torch
-    from safetensors.torch import load_file
 
     from llava_core.default.parts import _put_vision
     from llava_core.train.recipe import _build_default, _save_tensors, _tuned_state
-    from llava_core.train.stage2_instruct import add_lora, load_lora_state, lora_config
+    from llava_core.train.stage2_instruct import add_lora_from_parts
 
     model = _build_default(recipe)
     _put_vision(model, parts / "parts.safetensors", torch.float32)
-    add_lora(model.language_model, lora_config(recipe.stage2))
-    load_lora_state(model.language_model, load_file(str(parts / "lora" / "adapter_model.safetensors")))
+    add_lora_from_parts(model.language_model, parts, recipe.stage2)
     dest.mkdir(parents=True, exist_ok=True)
     _save_tensors(model.vision_tower.visual.state_dict(), dest / "stage0_visual.safetensors")
     _save_tensors(model.projector.state_dict(), dest / "stage1_projector.safetensors")
@@ -123,6 +129,9 @@ def main() -> None:
     p.add_argument("--ocr", type=float, help="weight of word images in the mix (stage 2: 2)")
     p.add_argument("--document", type=float, help="weight of documents (stage 2: 2)")
     p.add_argument("--mix", help="other weights of the mix, e.g. position=6,relation=4")
+    p.add_argument("--side-mix", help="a mix drawn alone in every --side-every-th window of 8 steps, "
+                   "e.g. position=1,relation=1")
+    p.add_argument("--side-every", type=int, help="e.g. 2: every other window of 8 steps is --side-mix's")
     p.add_argument("--tower-blocks", type=int, help="train the tower's last k blocks too")
     p.add_argument("--seed", type=int, help="the phase's data seed (default: the recipe's, 0)")
     p.add_argument("--threads", type=int, default=2)

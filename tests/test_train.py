@@ -1164,6 +1164,15 @@ def test_position_drill_with_the_shipped_lora_starts_as_the_shipped_adapters():
     assert all(torch.equal(got[k], shipped[k]) for k in shipped)
 
 
+def test_lora_from_parts_names_a_missing_adapter_file(tmp_path, processor):
+    from llava_core.train.stage2_instruct import add_lora_from_parts
+
+    decoder = tiny_model(processor).language_model
+    with pytest.raises(FileNotFoundError, match=r"lora/adapter_model\.safetensors: no LoRA adapters"):
+        add_lora_from_parts(decoder, tmp_path, Stage2Config())
+    assert not any("lora_" in n for n, _ in decoder.named_parameters())  # nothing half-added
+
+
 def test_reading_phase_mix_sets_weights_and_names_an_unknown_type():
     """reading_phase.py --mix position=6,relation=4 on top of --ocr/--document; a type the mix
     does not have is refused by name rather than silently added."""
@@ -1172,7 +1181,8 @@ def test_reading_phase_mix_sets_weights_and_names_an_unknown_type():
     from llava_core.train.recipe import default_recipe
 
     phase = _benchmark("reading_phase")
-    args = Namespace(ocr=2.0, document=2.0, mix="position=6, relation=4", tower_blocks=None, seed=2, steps=300)
+    args = Namespace(ocr=2.0, document=2.0, mix="position=6, relation=4", tower_blocks=None, seed=2, steps=300,
+                     side_mix=None, side_every=None)
     recipe = default_recipe()
     cfg = phase.phase_config(recipe, args)
     assert cfg.mix == {**recipe.stage2.mix, "position": 6.0, "relation": 4.0}  # stage 2's mix, placed
@@ -1181,3 +1191,36 @@ def test_reading_phase_mix_sets_weights_and_names_an_unknown_type():
         phase.phase_config(default_recipe(), Namespace(**{**vars(args), "mix": "positon=6"}))
     with pytest.raises(SystemExit, match="expected KEY=WEIGHT"):
         phase.parse_mix("position")
+
+
+def test_side_mix_takes_whole_windows_and_reading_phase_checks_it(processor):
+    """side_every=2: windows 1, 3, ... of `bucket` steps draw from side_mix alone and the others
+    from the curriculum's mix; reading_phase.py refuses a side mix without its period, and a
+    side type the mix lacks."""
+    from argparse import Namespace
+
+    from llava_core.data import DataConfig
+    from llava_core.train.batches import ChatBatches
+    from llava_core.train.recipe import default_recipe
+
+    side = {"position": 1.0, "relation": 1.0}
+    cfg = Stage2Config(curriculum=0.0, bucket=2, side_mix=side, side_every=2)
+    assert [mix_at(cfg, s, 16) == side for s in range(8)] == [False, False, True, True] * 2
+    assert mix_at(cfg, 0, 16) == {k: cfg.mix.get(k, 0.0) for k in mix_at(cfg, 0, 16)}
+    batches = ChatBatches(processor, DataConfig(image_size=64, mix=dict(cfg.mix)), 4, split="train",
+                          mix_at=lambda s: mix_at(cfg, s, 16), bucket=2)
+    kinds = [set(batches(s).qtypes) for s in range(8)]
+    assert all(k <= set(side) for k in kinds[2:4] + kinds[6:8])
+    assert not any(k <= set(side) for k in kinds[0:2] + kinds[4:6])
+    with pytest.raises(ValueError, match="needs a side_mix"):
+        mix_at(Stage2Config(side_every=2), 8, 16)  # window 1 of 8 steps
+
+    phase = _benchmark("reading_phase")
+    args = Namespace(ocr=2.0, document=2.0, mix=None, tower_blocks=None, seed=0, steps=300,
+                     side_mix="position=1,relation=1", side_every=2)
+    got = phase.phase_config(default_recipe(), args)
+    assert got.side_mix == side and got.side_every == 2
+    with pytest.raises(SystemExit, match="go together"):
+        phase.phase_config(default_recipe(), Namespace(**{**vars(args), "side_every": None}))
+    with pytest.raises(SystemExit, match="--side-mix: 'left' is not"):
+        phase.phase_config(default_recipe(), Namespace(**{**vars(args), "side_mix": "left=1"}))

@@ -55,6 +55,10 @@ class Stage2Config:
     mix: dict = field(default_factory=lambda: dict(INSTRUCT_MIX))
     easy_mix: dict = field(default_factory=lambda: dict(EASY_MIX))
     curriculum: float = 0.25  # fraction of the steps over which the mix moves from easy_mix to mix
+    # every side_every-th window of `bucket` batches draws from side_mix alone (0: never):
+    # whole runs of, say, position questions between the mix's, which mixing them in does not give
+    side_mix: dict = field(default_factory=dict)
+    side_every: int = 0
     # each shape scene followed by its mirror image, "left" and "right" swapped in its text
     # (data/mirror.py): pairs that differ only in the sides things are on
     mirror_twins: bool = False
@@ -104,6 +108,18 @@ def load_lora_state(decoder: nn.Module, state: dict[str, torch.Tensor]) -> None:
         raise ValueError(f"LoRA state does not fit the decoder: unexpected {bad[:5]}")
 
 
+def add_lora_from_parts(decoder: nn.Module, parts: str | Path, cfg: Stage2Config) -> nn.Module:
+    """A parts folder's adapters (PARTS/lora/adapter_model.safetensors) on the decoder, unmerged,
+    so that training continues from them."""
+    from safetensors.torch import load_file
+    path = Path(parts) / "lora" / "adapter_model.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no LoRA adapters to continue from")
+    add_lora(decoder, lora_config(cfg))
+    load_lora_state(decoder, load_file(str(path)))
+    return decoder
+
+
 def merge_lora(decoder: nn.Module) -> nn.Module:
     """Fold each adapter into its base weight (W + B A * alpha / r) and put the plain Linear back."""
     from peft.tuners.lora import LoraLayer
@@ -116,7 +132,12 @@ def merge_lora(decoder: nn.Module) -> nn.Module:
 
 
 def mix_at(cfg: Stage2Config, step: int, total: int | None) -> dict:
-    """The curriculum: easy_mix at step 0, then linearly to mix by `curriculum` of the total."""
+    """The curriculum: easy_mix at step 0, then linearly to mix by `curriculum` of the total;
+    side_mix instead in the last window of every side_every windows of `bucket` steps."""
+    if cfg.side_every > 0 and (step // cfg.bucket) % cfg.side_every == cfg.side_every - 1:
+        if not cfg.side_mix:
+            raise ValueError(f"side_every={cfg.side_every} needs a side_mix")
+        return dict(cfg.side_mix)
     a = 0.0 if not total or cfg.curriculum <= 0 else min(1.0, step / (cfg.curriculum * total))
     if cfg.curriculum <= 0:
         a = 1.0
