@@ -52,8 +52,9 @@ def phase_config(recipe, args):
     for key in side:
         if key not in cfg.mix:
             raise SystemExit(f"--side-mix: {key!r} is not a question type of the mix ({', '.join(sorted(cfg.mix))})")
-    if bool(side) != bool(args.side_every):
-        raise SystemExit("--side-mix and --side-every go together (e.g. --side-mix position=1,relation=1 --side-every 2)")
+    if bool(side) != bool(args.side_every) or (args.side_every or 0) < 0:
+        raise SystemExit("--side-mix and --side-every >= 1 go together (e.g. --side-mix position=1,relation=1 "
+                         "--side-every 2)")
     cfg.side_mix, cfg.side_every = side, args.side_every or 0
     if args.tower_blocks is not None:
         cfg.train_tower_blocks = args.tower_blocks

@@ -1212,15 +1212,17 @@ def test_side_mix_takes_whole_windows_and_reading_phase_checks_it(processor):
     kinds = [set(batches(s).qtypes) for s in range(8)]
     assert all(k <= set(side) for k in kinds[2:4] + kinds[6:8])
     assert not any(k <= set(side) for k in kinds[0:2] + kinds[4:6])
-    with pytest.raises(ValueError, match="needs a side_mix"):
-        mix_at(Stage2Config(side_every=2), 8, 16)  # window 1 of 8 steps
+    for bad in (dict(side_every=2), dict(side_mix=side), dict(side_mix=side, side_every=-2)):
+        with pytest.raises(ValueError, match="set both"):  # at any step, not only in a side window
+            mix_at(Stage2Config(**bad), 0, 16)
 
     phase = _benchmark("reading_phase")
     args = Namespace(ocr=2.0, document=2.0, mix=None, tower_blocks=None, seed=0, steps=300,
                      side_mix="position=1,relation=1", side_every=2)
     got = phase.phase_config(default_recipe(), args)
     assert got.side_mix == side and got.side_every == 2
-    with pytest.raises(SystemExit, match="go together"):
-        phase.phase_config(default_recipe(), Namespace(**{**vars(args), "side_every": None}))
+    for every in (None, -2):
+        with pytest.raises(SystemExit, match="go together"):
+            phase.phase_config(default_recipe(), Namespace(**{**vars(args), "side_every": every}))
     with pytest.raises(SystemExit, match="--side-mix: 'left' is not"):
         phase.phase_config(default_recipe(), Namespace(**{**vars(args), "side_mix": "left=1"}))

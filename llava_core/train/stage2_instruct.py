@@ -134,9 +134,10 @@ def merge_lora(decoder: nn.Module) -> nn.Module:
 def mix_at(cfg: Stage2Config, step: int, total: int | None) -> dict:
     """The curriculum: easy_mix at step 0, then linearly to mix by `curriculum` of the total;
     side_mix instead in the last window of every side_every windows of `bucket` steps."""
+    if cfg.side_every < 0 or bool(cfg.side_mix) != (cfg.side_every > 0):
+        raise ValueError(f"side_mix={cfg.side_mix} with side_every={cfg.side_every}: set both "
+                         "(side_every >= 1) or neither")
     if cfg.side_every > 0 and (step // cfg.bucket) % cfg.side_every == cfg.side_every - 1:
-        if not cfg.side_mix:
-            raise ValueError(f"side_every={cfg.side_every} needs a side_mix")
         return dict(cfg.side_mix)
     a = 0.0 if not total or cfg.curriculum <= 0 else min(1.0, step / (cfg.curriculum * total))
     if cfg.curriculum <= 0:
