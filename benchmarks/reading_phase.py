@@ -43,15 +43,10 @@ sys.path.insert(0, str(ROOT))
 def phase_config(recipe, args):
     """The recipe's stage-3 config with the options given, `args.steps` steps, no time budget."""
     cfg = copy.deepcopy(recipe.stage3)
-    for key, value in (("ocr", args.ocr), ("document", args.document), *parse_mix(args.mix).items()):
+    for key, value in (("ocr", args.ocr), ("document", args.document), *parse_mix(args.mix, cfg.mix).items()):
         if value is not None:
-            if key not in cfg.mix:
-                raise SystemExit(f"--mix: {key!r} is not a question type of the mix ({', '.join(sorted(cfg.mix))})")
             cfg.mix[key] = value
-    side = parse_mix(args.side_mix)
-    for key in side:
-        if key not in cfg.mix:
-            raise SystemExit(f"--side-mix: {key!r} is not a question type of the mix ({', '.join(sorted(cfg.mix))})")
+    side = parse_mix(args.side_mix, cfg.mix, "--side-mix")
     if bool(side) != bool(args.side_every) or (args.side_every or 0) < 0:
         raise SystemExit("--side-mix and --side-every >= 1 go together (e.g. --side-mix position=1,relation=1 "
                          "--side-every 2)")
@@ -64,8 +59,9 @@ def phase_config(recipe, args):
     return cfg
 
 
-def parse_mix(text: str | None) -> dict[str, float]:
-    """--mix "position=6,relation=4" -> {"position": 6.0, "relation": 4.0}."""
+def parse_mix(text: str | None, known: dict | None = None, flag: str = "--mix") -> dict[str, float]:
+    """--mix "position=6,relation=4" -> {"position": 6.0, "relation": 4.0}; with `known` (a mix),
+    a type it lacks is refused by name rather than silently added."""
     out = {}
     for item in (text or "").split(","):
         if not item.strip():
@@ -74,7 +70,9 @@ def parse_mix(text: str | None) -> dict[str, float]:
         try:
             out[key.strip()] = float(value)
         except ValueError:
-            raise SystemExit(f"--mix {text!r}: expected KEY=WEIGHT pairs, got {item!r}") from None
+            raise SystemExit(f"{flag} {text!r}: expected KEY=WEIGHT pairs, got {item!r}") from None
+        if known is not None and key.strip() not in known:
+            raise SystemExit(f"{flag}: {key.strip()!r} is not a question type of the mix ({', '.join(sorted(known))})")
     return out
 
 

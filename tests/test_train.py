@@ -1226,3 +1226,5 @@ def test_side_mix_takes_whole_windows_and_reading_phase_checks_it(processor):
             phase.phase_config(default_recipe(), Namespace(**{**vars(args), "side_every": every}))
     with pytest.raises(SystemExit, match="--side-mix: 'left' is not"):
         phase.phase_config(default_recipe(), Namespace(**{**vars(args), "side_mix": "left=1"}))
+    with pytest.raises(SystemExit, match="--side-mix 'position': expected KEY=WEIGHT"):  # the flag at fault
+        phase.phase_config(default_recipe(), Namespace(**{**vars(args), "side_mix": "position"}))
